@@ -1,0 +1,613 @@
+"""Fused NF4 dequant-matmul kernels vs cuBLAS bf16, plain XLA and bitsandbytes, timed on the device.
+
+For each weight shape (K, N) and batch M, one run times side by side:
+
+- ``bf16``: cuBLAS through XLA, ``x @ w`` with ``w[K, N]`` bf16 (and ``dy @ wᵀ`` for the input
+  gradient);
+- ``xla_nf4``: the plain XLA path, ``dequantize`` (qlora_jax) then ``dot``;
+- ``pallas``: ``pallas_kernels.matmul_nt`` (forward / decode by M) and ``matmul_nn`` (input
+  gradient, M >= 512 only);
+- ``bnb``: bitsandbytes ``matmul_4bit`` (NF4, double quant, block 64) and torch's bf16 matmul,
+  in a subprocess with CUDA events over CUDA-graph replays, when torch with CUDA and
+  bitsandbytes import (``--bnb-path`` adds a folder holding the ``bitsandbytes`` package).
+
+Device-side timing: many calls inside one jitted ``lax.fori_loop`` (the operands pass an
+``optimization_barrier`` with the loop carry so XLA cannot hoist the call), median of 3 runs,
+divided by the calls. Each loop step makes 32 calls (4 from M = 512 up), rotating through R
+distinct weight copies (R * bytes >= ~2x the 50 MB L2 of an H100) so that decode timings stream
+from HBM, not L2. An empty loop step costs ~26 us on an H100 (the while loop's round trip); it is
+measured in the same run (``loop_overhead_ms``) and taken off each step.
+
+    python experiments/bench_kernels.py                 # full table, JSON to benchmarks/results/
+    python experiments/bench_kernels.py --quick --check # subset, correctness vs XLA first
+    python experiments/bench_kernels.py --sweep         # try the tuning candidates, print the best
+
+A failing kernel at one shape records its error in that row and the run goes on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to the torch worker
+
+import warnings  # noqa: E402
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+
+KN_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
+M_VALUES = [1, 4, 16, 512, 2048, 4096, 8192]
+QUICK_KN = [(4096, 4096), (4096, 11008)]
+QUICK_M = [1, 16, 4096]
+DX_MIN_M = 512  # the input gradient is a training op: timed from this M up
+L2_BYTES = 50 * 2**20
+CEILINGS = {"copy_gb_s": 2483.0, "bf16_tflop_s": 607.0}  # H100_BASELINE.md, measured on one H100
+BLOCK_SIZE, DQ_BLOCK_SIZE = 64, 256
+
+
+def _rotations(weight_bytes: int, m: int) -> int:
+    """Distinct weight copies a loop step walks through, so their sum exceeds 2x L2 (small M)."""
+    if m >= DX_MIN_M:
+        return 1
+    return max(1, min(16, math.ceil(2 * L2_BYTES / weight_bytes)))
+
+
+# ------------------------------------------------------------------------------------------
+# JAX side
+
+
+def device_time(fn, x, weights, min_total_s: float = 0.05, loop_step_s: float = 0.0) -> float:
+    """Seconds a call of ``fn(x, *w)``, averaged over the weight copies in ``weights``, timed
+    inside one jitted fori_loop (median of 3 timed launches). Each loop step makes at least
+    32 calls (4 when x has >= 512 rows), rotating through ``weights``, and ``loop_step_s`` (the
+    cost of an empty step, from `loop_overhead`) is taken off each step."""
+    min_calls = 4 if x.shape[0] >= DX_MIN_M else 32
+    import jax
+    import jax.numpy as jnp
+
+    calls = list(weights) * max(1, math.ceil(min_calls / len(weights)))
+
+    def run(x, weights, n):
+        def body(_, carry):
+            xc, s = jax.lax.optimization_barrier(carry)
+            outs = [fn(xc, *w) for w in weights]
+            return xc, s + sum(o[0, 0].astype(jnp.float32) for o in outs)
+        return jax.lax.fori_loop(0, n, body, (x, jnp.float32(0)))[1]
+
+    f = jax.jit(run)
+    f(x, calls, 1).block_until_ready()
+    t = time.perf_counter()
+    f(x, calls, 2).block_until_ready()
+    est = max((time.perf_counter() - t) / 2, 1e-6)
+    n = int(min(10000, max(3, math.ceil(min_total_s / est))))
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        f(x, calls, n).block_until_ready()
+        times.append(time.perf_counter() - t)
+    step = statistics.median(times) / n
+    return max(step - loop_step_s, 0.0) / len(calls)
+
+
+def loop_overhead() -> float:
+    """Seconds an empty fori_loop step costs (a trivial op; the while loop's own round trip)."""
+    import jax
+    import jax.numpy as jnp
+
+    def run(x, n):
+        def body(_, carry):
+            xc, s = jax.lax.optimization_barrier(carry)
+            return xc, s + xc[0, 0].astype(jnp.float32)
+        return jax.lax.fori_loop(0, n, body, (x, jnp.float32(0)))[1]
+
+    f = jax.jit(run)
+    x = jnp.ones((8, 8), jnp.bfloat16)
+    f(x, 10).block_until_ready()
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        f(x, 2000).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) / 2000
+
+
+def copy_bandwidth() -> float:
+    """Device copy GB/s (bytes read + written) of a 1 GiB bf16 array."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((2**29,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    f(a).block_until_ready()
+    ts = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(10):
+            b = f(a)
+        b.block_until_ready()
+        ts.append((time.perf_counter() - t) / 10)
+    return 2 * a.nbytes / statistics.median(ts) / 1e9
+
+
+def make_weight(k: int, n: int, seed: int = 0):
+    """(w_kn bf16 [K, N], QuantizedArray [N, K] NF4 + double quant) of a random N(0, 0.02) weight."""
+    import jax
+    import jax.numpy as jnp
+
+    import qlora_jax as qj
+
+    w = (0.02 * jax.random.normal(jax.random.key(seed), (k, n), jnp.float32)).astype(jnp.bfloat16)
+    q = qj.quantize_linear_kernel(w, format="nf4", block_size=BLOCK_SIZE, double_quant=True,
+                                  dq_block_size=DQ_BLOCK_SIZE)
+    return w, q
+
+
+INTERPRET = False  # --interpret: run the Pallas kernels in the interpreter (a CPU smoke test)
+
+
+def jax_ops(k: int, n: int, config_fwd=None, config_dx=None):
+    """The timed functions, each ``fn(x, *weight_arrays)``."""
+    import jax
+    import jax.numpy as jnp
+
+    import pallas_kernels as pk
+    import qlora_jax as qj
+
+    layout = dict(n=n, k=k, block_size=BLOCK_SIZE, dq_block_size=DQ_BLOCK_SIZE,
+                  code_table=qj.get_format("nf4").values)
+
+    def bf16(x, w_kn):
+        return x @ w_kn
+
+    def bf16_dx(dy, w_kn):
+        return dy @ w_kn.T
+
+    def xla_nf4(x, q):
+        return jax.lax.dot_general(x, qj.dequantize(q, x.dtype), (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def xla_nf4_dx(dy, q):
+        return jax.lax.dot_general(dy, qj.dequantize(q, dy.dtype), (((1,), (0,)), ((), ())),
+                                   preferred_element_type=jnp.float32).astype(dy.dtype)
+
+    def pallas(x, q):
+        return pk.matmul_nt(x, q.codes, q.absmax, q.absmax_scale, q.absmax_offset, **layout,
+                            config=config_fwd, interpret=INTERPRET)
+
+    def pallas_dx(dy, q):
+        return pk.matmul_nn(dy, q.codes, q.absmax, q.absmax_scale, q.absmax_offset, **layout,
+                            config=config_dx, interpret=INTERPRET)
+
+    return dict(bf16=bf16, bf16_dx=bf16_dx, xla_nf4=xla_nf4, xla_nf4_dx=xla_nf4_dx,
+                pallas=pallas, pallas_dx=pallas_dx)
+
+
+def _err(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"
+
+
+def _copies(tree, r: int):
+    import jax
+    import jax.numpy as jnp
+
+    return [tree] + [jax.tree.map(lambda a: jnp.array(a, copy=True), tree) for _ in range(r - 1)]
+
+
+def bench_shape(k: int, n: int, ms: list[int], check: bool, loop_step_s: float,
+                overrides: dict | None = None) -> list[dict]:
+    """Rows for one weight shape and every M (errors recorded per op). ``overrides`` maps
+    (op, m) to a TileConfig (from `best_configs`); else the tuning table decides."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from pallas_kernels.tuning import DECODE_MAX_M
+
+    w_kn, q = make_weight(k, n)
+    nf4_bytes = q.nbytes
+    rows = []
+    for m in ms:
+        cfg_nt = _override(overrides, "decode" if m <= DECODE_MAX_M else "forward", m)
+        cfg_nn = _override(overrides, "input_grad", m)
+        ops = jax_ops(k, n, config_fwd=cfg_nt, config_dx=cfg_nn)
+        row = dict(k=k, n=n, m=m, flop=2 * m * n * k, nf4_weight_bytes=nf4_bytes,
+                   bf16_weight_bytes=2 * n * k)
+        if cfg_nt is not None:
+            row["config_nt"] = dataclasses.asdict(cfg_nt)
+        if cfg_nn is not None and m >= DX_MIN_M:
+            row["config_nn"] = dataclasses.asdict(cfg_nn)
+        x = (jax.random.normal(jax.random.key(m), (m, k), jnp.float32)).astype(jnp.bfloat16)
+        dy = (jax.random.normal(jax.random.key(m + 1), (m, n), jnp.float32)).astype(jnp.bfloat16)
+        if check:
+            try:
+                ref = np.asarray(ops["xla_nf4"](x, q), np.float32)
+                got = np.asarray(jax.jit(ops["pallas"])(x, q), np.float32)
+                row["check_rel_err"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                row["check_finite"] = bool(np.all(np.isfinite(got)))
+                if m >= DX_MIN_M:
+                    ref = np.asarray(ops["xla_nf4_dx"](dy, q), np.float32)
+                    got = np.asarray(jax.jit(ops["pallas_dx"])(dy, q), np.float32)
+                    row["check_dx_rel_err"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                    row["check_dx_finite"] = bool(np.all(np.isfinite(got)))
+            except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+                row["check_error"] = _err(e)
+        plan = [("bf16", x, w_kn, 2 * n * k), ("xla_nf4", x, q, nf4_bytes), ("pallas", x, q, nf4_bytes)]
+        if m >= DX_MIN_M:
+            plan += [("bf16_dx", dy, w_kn, 2 * n * k), ("xla_nf4_dx", dy, q, nf4_bytes),
+                     ("pallas_dx", dy, q, nf4_bytes)]
+        for name, a, weight, wbytes in plan:
+            try:
+                r = _rotations(wbytes, m)
+                ws = [(c,) for c in _copies(weight, r)]
+                t = device_time(ops[name], a, ws, loop_step_s=loop_step_s)
+                row[f"{name}_ms"] = t * 1e3
+                del ws
+            except Exception as e:  # noqa: BLE001
+                row[f"{name}_error"] = _err(e)
+        for name in ("xla_nf4", "pallas", "xla_nf4_dx", "pallas_dx"):
+            base = row.get("bf16_dx_ms" if name.endswith("_dx") else "bf16_ms")
+            if f"{name}_ms" in row and base:
+                row[f"{name}_vs_bf16"] = row[f"{name}_ms"] / base
+        if "pallas_ms" in row:
+            row["pallas_gb_s"] = nf4_bytes / (row["pallas_ms"] * 1e-3) / 1e9
+            row["pallas_tflop_s"] = row["flop"] / (row["pallas_ms"] * 1e-3) / 1e12
+        if "bf16_ms" in row:
+            row["bf16_gb_s"] = 2 * n * k / (row["bf16_ms"] * 1e-3) / 1e9
+            row["bf16_tflop_s"] = row["flop"] / (row["bf16_ms"] * 1e-3) / 1e12
+        if "pallas_dx_ms" in row:
+            row["pallas_dx_tflop_s"] = row["flop"] / (row["pallas_dx_ms"] * 1e-3) / 1e12
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------
+# Tuning sweep
+
+
+def sweep_candidates(op: str, m: int) -> list:
+    from pallas_kernels.tuning import TileConfig as C
+
+    if op == "decode":
+        dot = m > 4
+        if m == 1:
+            grid = [(32, 64, 8, 2, "tree"), (32, 64, 8, 2, "poly"), (32, 128, 8, 4, "poly"), (64, 64, 8, 4, "poly"),
+                    (16, 128, 8, 2, "poly"), (64, 128, 4, 4, "poly")]
+        elif m <= 4:
+            grid = [(32, 64, 8, 4, "poly"), (16, 64, 8, 2, "poly"), (32, 64, 8, 2, "poly"), (32, 64, 8, 2, "tree")]
+        else:
+            grid = [(32, 64, 8, 2, "tree"), (32, 64, 8, 2, "poly"), (64, 64, 8, 4, "poly"), (32, 128, 8, 4, "poly"),
+                    (64, 128, 4, 4, "poly")]
+        cands = [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=3, lut=lut, use_dot=dot)
+                 for bn, bk, sk, nw, lut in grid]
+        if m <= 4:
+            cands.append(C(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="poly", use_dot=True))
+        return cands
+    if op == "forward":
+        return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
+                for bm, bn, bk, nw, ns, lut in [
+                    (256, 128, 64, 8, 3, "tree"), (256, 128, 64, 8, 3, "poly"), (128, 128, 64, 4, 3, "poly"),
+                    (128, 256, 64, 8, 3, "poly")]]
+    if op == "input_grad":
+        return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
+                for bm, bn, bk, nw, ns, lut in [
+                    (256, 128, 128, 8, 3, "tree"), (256, 128, 128, 8, 3, "poly"), (256, 64, 128, 8, 3, "poly")]]
+    raise ValueError(op)
+
+
+SWEEP_CASES = [("decode", 4096, 11008, 1), ("decode", 11008, 4096, 1), ("decode", 4096, 4096, 1),
+               ("decode", 4096, 11008, 4), ("decode", 4096, 11008, 16),
+               ("forward", 4096, 11008, 4096), ("input_grad", 4096, 11008, 4096)]
+
+
+def sweep(cases: list[tuple[str, int, int, int]], loop_step_s: float) -> list[dict]:
+    """Times every candidate config of each (op, K, N, M) case after checking it against the
+    XLA path (relative error <= 1e-2, all finite); prints the best."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    rows = []
+    for op, k, n, m in cases:
+        w_kn, q = make_weight(k, n)
+        x = jax.random.normal(jax.random.key(1), (m, n if op == "input_grad" else k), jnp.float32).astype(jnp.bfloat16)
+        base_ops = jax_ops(k, n)
+        dx = op == "input_grad"
+        t_bf16 = device_time(base_ops["bf16_dx" if dx else "bf16"], x,
+                             [(c,) for c in _copies(w_kn, _rotations(2 * n * k, m))], loop_step_s=loop_step_s)
+        ref = np.asarray(base_ops["xla_nf4_dx" if dx else "xla_nf4"](x, q), np.float32)
+        best = None
+        for cfg in sweep_candidates(op, m):
+            ops = jax_ops(k, n, config_fwd=None if dx else cfg, config_dx=cfg if dx else None)
+            fn = ops["pallas_dx" if dx else "pallas"]
+            row = dict(op=op, k=k, n=n, m=m, config=dataclasses.asdict(cfg), bf16_ms=t_bf16 * 1e3)
+            try:
+                got = np.asarray(jax.jit(fn)(x, q), np.float32)
+                row["rel_err_vs_xla"] = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+                row["ok"] = bool(np.all(np.isfinite(got))) and row["rel_err_vs_xla"] <= 1e-2
+                t = device_time(fn, x, [(c,) for c in _copies(q, _rotations(q.nbytes, m))], loop_step_s=loop_step_s)
+                row["ms"] = t * 1e3
+                row["vs_bf16"] = t / t_bf16
+                if row["ok"] and (best is None or t < best[0]):
+                    best = (t, cfg)
+            except Exception as e:  # noqa: BLE001
+                row["error"] = _err(e)
+            rows.append(row)
+            print(f"  {op:10s} K={k:5d} N={n:5d} M={m:5d} {_cfg_str(cfg)}: "
+                  + (f"{row['ms']:.4f} ms ({row['vs_bf16']:.2f}x bf16) err {row['rel_err_vs_xla']:.1e}"
+                     if "ms" in row else row["error"][:100]), flush=True)
+        if best:
+            print(f"BEST {op} K={k} N={n} M={m}: {best[0] * 1e3:.4f} ms = {best[0] / t_bf16:.2f}x bf16 "
+                  f"({t_bf16 * 1e3:.4f} ms) with {_cfg_str(best[1])}", flush=True)
+    return rows
+
+
+def best_configs(sweep_rows: list[dict]) -> dict:
+    """{(op, m): TileConfig} with the lowest mean ratio to bf16 over the swept shapes (only
+    configs that passed their check at every shape)."""
+    from pallas_kernels.tuning import TileConfig
+
+    stats: dict = {}
+    for r in sweep_rows:
+        key = (r["op"], r["m"], json.dumps(r["config"], sort_keys=True))
+        ok = r.get("ok", False) and "vs_bf16" in r
+        s = stats.setdefault(key, [0.0, 0, True])
+        s[0] += r.get("vs_bf16", 0.0)
+        s[1] += 1
+        s[2] = s[2] and ok
+    best: dict = {}
+    for (op, m, cfg), (tot, cnt, ok) in stats.items():
+        if ok and ((op, m) not in best or tot / cnt < best[(op, m)][0]):
+            best[(op, m)] = (tot / cnt, cfg)
+    return {key: TileConfig(**json.loads(cfg)) for key, (_, cfg) in best.items()}
+
+
+def _override(overrides: dict | None, op: str, m: int):
+    """The swept config for ``op`` whose M is the smallest >= m (else the largest), or None."""
+    if not overrides:
+        return None
+    ms = sorted(mm for (o, mm) in overrides if o == op)
+    if not ms:
+        return None
+    pick = next((mm for mm in ms if mm >= m), ms[-1])
+    return overrides[(op, pick)]
+
+
+def _cfg_str(c) -> str:
+    return (f"bm{c.block_m} bn{c.block_n} bk{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages} "
+            f"{c.lut}{' dot' if c.use_dot else ''}")
+
+
+# ------------------------------------------------------------------------------------------
+# bitsandbytes / torch worker (a subprocess: its own CUDA context and memory)
+
+
+def bnb_worker(cases: list[tuple[int, int, int]], bnb_path: str | None) -> list[dict]:
+    """Times bnb.matmul_4bit (NF4, DQ, block 64), its input gradient (dequantize + matmul, as
+    bitsandbytes' backward does) and torch bf16 matmul with CUDA events over graph replays."""
+    if bnb_path:
+        sys.path.insert(0, bnb_path)
+    import torch
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as F
+
+    assert torch.cuda.is_available(), "torch sees no CUDA device"
+    out = []
+    for k, n, m in cases:
+        row = dict(k=k, n=n, m=m)
+        try:
+            torch.manual_seed(0)
+            w = (0.02 * torch.randn(n, k, device="cuda")).to(torch.bfloat16)
+            packed, qs = F.quantize_4bit(w, blocksize=BLOCK_SIZE, compress_statistics=True, quant_type="nf4")
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
+            nf4_bytes = packed.numel() * packed.element_size()
+            r4 = _rotations(nf4_bytes, m)
+            r16 = _rotations(2 * n * k, m)
+            packs = [packed] + [packed.clone() for _ in range(r4 - 1)]
+            ws = [w] + [w.clone() for _ in range(r16 - 1)]
+            timed = {
+                "bnb": lambda: [bnb.matmul_4bit(x, p.t(), quant_state=qs) for p in packs],
+                "torch_bf16": lambda: [x @ ww.t() for ww in ws],
+            }
+            if m >= DX_MIN_M:
+                timed["bnb_dx"] = lambda: [dy @ F.dequantize_4bit(p, qs).to(torch.bfloat16) for p in packs]
+                timed["torch_bf16_dx"] = lambda: [dy @ ww for ww in ws]
+            for name, fn in timed.items():
+                calls = len(packs) if name.startswith("bnb") else len(ws)
+                try:
+                    ms, how = _cuda_time(torch, fn)
+                    row[f"{name}_ms"] = ms / calls
+                    row[f"{name}_timing"] = how
+                except Exception as e:  # noqa: BLE001
+                    row[f"{name}_error"] = _err(e)
+            del packs, ws
+        except Exception as e:  # noqa: BLE001
+            row["error"] = _err(e)
+        out.append(row)
+        torch.cuda.empty_cache()
+    return out
+
+
+def _cuda_time(torch, fn, reps: int = 20) -> tuple[float, str]:
+    """Milliseconds a call of ``fn`` (median over replays): a CUDA graph if capture works,
+    otherwise back-to-back eager calls between CUDA events."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    how = "graph"
+    try:
+        g = torch.cuda.CUDAGraph()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g):
+                fn()
+        torch.cuda.current_stream().wait_stream(s)
+        run = g.replay
+        run()
+    except Exception:  # noqa: BLE001 - fall back to eager
+        how, run = "eager", fn
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(reps):
+            run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    return statistics.median(times), how
+
+
+def run_bnb(cases, bnb_path: str | None, timeout: int = 300) -> tuple[list[dict], str | None]:
+    """Runs `bnb_worker` in a subprocess; returns (rows, error or None)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--bnb-worker", json.dumps(cases)]
+    if bnb_path:
+        cmd += ["--bnb-path", bnb_path]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [], "bnb worker timed out"
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("BNB_JSON ")]
+    if p.returncode != 0 or not lines:
+        tail = (p.stderr or p.stdout).strip().splitlines()[-3:]
+        return [], f"bnb worker failed (rc={p.returncode}): {' | '.join(tail)[:500]}"
+    return json.loads(lines[-1][len("BNB_JSON "):]), None
+
+
+# ------------------------------------------------------------------------------------------
+# Output
+
+
+def _f(v, spec=".4f"):
+    return format(v, spec) if isinstance(v, (int, float)) else "   -  "
+
+
+def _fmt_row(r: dict) -> str:
+    s = (f"K={r['k']:5d} N={r['n']:5d} M={r['m']:5d} | bf16 {_f(r.get('bf16_ms'))} | "
+         f"xla {_f(r.get('xla_nf4_ms'))} ({_f(r.get('xla_nf4_vs_bf16'), '.2f')}x) | "
+         f"pallas {_f(r.get('pallas_ms'))} ({_f(r.get('pallas_vs_bf16'), '.2f')}x)")
+    if r["m"] < DX_MIN_M:
+        s += f" {_f(r.get('pallas_gb_s'), '.0f')} GB/s"
+    else:
+        s += (f" {_f(r.get('pallas_tflop_s'), '.0f')} TF/s | dx bf16 {_f(r.get('bf16_dx_ms'))} "
+              f"xla {_f(r.get('xla_nf4_dx_ms'))} ({_f(r.get('xla_nf4_dx_vs_bf16'), '.2f')}x) "
+              f"pallas {_f(r.get('pallas_dx_ms'))} ({_f(r.get('pallas_dx_vs_bf16'), '.2f')}x)")
+    if "bnb_ms" in r:
+        s += f" | bnb {_f(r['bnb_ms'])} ({_f(r.get('bnb_vs_bf16'), '.2f')}x)"
+    errs = [key for key in r if key.endswith("error")]
+    if errs:
+        s += " | ERR " + "; ".join(f"{key}={r[key][:80]}" for key in errs)
+    if "check_rel_err" in r:
+        s += f" | check {r['check_rel_err']:.1e}"
+    return s
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=f"only K,N in {QUICK_KN} and M in {QUICK_M}")
+    p.add_argument("--check", action="store_true", help="compare each kernel with the XLA path first")
+    p.add_argument("--sweep", action="store_true", help="time the tuning candidates instead of the table")
+    p.add_argument("--configs-from", default=None, metavar="SWEEP_JSON",
+                   help="use the best configs of a --sweep result instead of the tuning table")
+    p.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes/torch worker")
+    p.add_argument("--bnb-path", default=None, help="folder holding the bitsandbytes package")
+    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_kernels_<date>.json)")
+    p.add_argument("--kn", type=int, nargs=2, action="append", default=None, metavar=("K", "N"),
+                   help="weight shapes to time instead of the default list (repeatable)")
+    p.add_argument("--m", type=int, nargs="+", default=None, help="batch sizes instead of the default list")
+    p.add_argument("--interpret", action="store_true", help="Pallas interpreter (CPU smoke test only)")
+    p.add_argument("--bnb-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.bnb_worker is not None:
+        rows = bnb_worker([tuple(c) for c in json.loads(args.bnb_worker)], args.bnb_path)
+        print("BNB_JSON " + json.dumps(rows))
+        return None
+
+    global INTERPRET
+    INTERPRET = args.interpret
+    kns = [tuple(kn) for kn in args.kn] if args.kn else (QUICK_KN if args.quick else KN_SHAPES)
+    ms = args.m or (QUICK_M if args.quick else M_VALUES)
+    cases = [(k, n, m) for k, n in kns for m in ms]
+
+    # torch first, before this process holds GPU memory
+    bnb_rows, bnb_error = ([], "skipped (--no-bnb)") if args.no_bnb or args.sweep else run_bnb(cases, args.bnb_path)
+    if bnb_error:
+        print(f"bitsandbytes: {bnb_error}", flush=True)
+
+    import jax
+
+    dev = jax.devices()[0]
+    today = datetime.date.today().isoformat()
+    result = {"benchmark": "bench_kernels" + ("_sweep" if args.sweep else ""), "device": dev.device_kind,
+              "jax": jax.__version__, "date": today,
+              "command": "python " + " ".join([os.path.relpath(os.path.abspath(__file__))] + sys.argv[1:]),
+              "quick": args.quick, "block_size": BLOCK_SIZE, "dq_block_size": DQ_BLOCK_SIZE,
+              "reference_ceilings_h100": CEILINGS, "bnb_error": bnb_error}
+    try:
+        result["loop_overhead_ms"] = loop_overhead() * 1e3
+        result["copy_gb_s"] = copy_bandwidth()
+        print(f"device {dev.device_kind}, jax {jax.__version__}; empty loop step {result['loop_overhead_ms']:.4f} ms "
+              f"(taken off); "
+              f"copy {result['copy_gb_s']:.0f} GB/s", flush=True)
+    except Exception as e:  # noqa: BLE001
+        result["ceiling_error"] = _err(e)
+
+    loop_step_s = result.get("loop_overhead_ms", 0.0) * 1e-3
+    if args.sweep:
+        result["rows"] = sweep(SWEEP_CASES, loop_step_s)
+        result["best"] = {f"{op} m<={m}": dataclasses.asdict(c) for (op, m), c in best_configs(result["rows"]).items()}
+    else:
+        overrides = None
+        if args.configs_from:
+            with open(args.configs_from) as fh:
+                overrides = best_configs(json.load(fh)["rows"])
+            result["configs_from"] = {f"{op} m<={m}": dataclasses.asdict(c) for (op, m), c in overrides.items()}
+            print("configs from sweep:", {f"{op} m<={m}": _cfg_str(c) for (op, m), c in overrides.items()})
+        rows = []
+        for k, n in kns:
+            try:
+                rows += bench_shape(k, n, ms, args.check, loop_step_s, overrides)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory making the weight
+                rows.append(dict(k=k, n=n, error=_err(e), trace=traceback.format_exc()[-1000:]))
+                print(f"K={k} N={n}: {_err(e)}", flush=True)
+        by_case = {(r["k"], r["n"], r["m"]): r for r in bnb_rows}
+        for r in rows:
+            b = by_case.get((r.get("k"), r.get("n"), r.get("m")))
+            if b:
+                r.update({key: v for key, v in b.items() if key not in ("k", "n", "m")})
+                for name, base in (("bnb", "bf16_ms"), ("bnb_dx", "bf16_dx_ms")):
+                    if f"{name}_ms" in r and r.get(base):
+                        r[f"{name}_vs_bf16"] = r[f"{name}_ms"] / r[base]
+        result["rows"] = rows
+        print("\nsummary (ms; ratio to XLA cuBLAS bf16)")
+        for r in rows:
+            if "m" in r:
+                print(_fmt_row(r))
+
+    out = args.out or os.path.join("benchmarks", "results",
+                                   f"bench_kernels{'_sweep' if args.sweep else ''}_{today}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Tile configurations of the NF4 kernels and the table that picks one per shape and device.
+
+A `TileConfig` holds every knob; each kernel reads the fields it uses:
+
+- ``nf4_matmul`` (forward, ``y = x·deq(W)ᵀ``): output tile ``block_m × block_n``, K step
+  ``block_k``, ``group_m`` row tiles per L2 group.
+- ``nf4_matmul_dx`` (input gradient, ``dx = dy·deq(W)``): output tile ``block_m × block_k``,
+  reduction (N) step ``block_n``, ``group_m``.
+- ``nf4_decode`` (small M): ``block_n`` weight rows a program, K step ``block_k``, ``split_k``
+  programs along K (partial sums added by XLA), ``use_dot`` (tensor-core dot on M padded to 16,
+  or multiply-and-reduce on the CUDA cores).
+- all: ``num_warps``, ``num_stages`` (Triton), ``lut`` (see `pallas_kernels._common.LUT_MODES`).
+
+`get_config` looks up ``TABLE`` by device family (from ``jax.devices()[0].device_kind``) and op,
+then by the first row whose ``max_m`` is >= M. Each row also records whether the kernel was
+measured faster than plain XLA there (`pallas_kernels.supported` declines it otherwise). Re-tune
+with ``experiments/bench_kernels.py --sweep``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+
+__all__ = ["TileConfig", "Entry", "TABLE", "get_config", "get_entry", "device_family", "DECODE_MAX_M"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+    """Tuning knobs of one kernel launch (see the module docstring for who reads which)."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    group_m: int = 8
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+    lut: str = "tree"
+    use_dot: bool = True
+
+    def replace(self, **kwargs) -> "TileConfig":
+        return dataclasses.replace(self, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One row of the tuning table: the config for M <= ``max_m``, and whether the kernel with it
+    was measured faster than the plain XLA path (dequantize, then cuBLAS) on this device."""
+
+    max_m: int
+    config: TileConfig
+    beats_xla: bool
+
+
+_INF = 1 << 62
+
+# Measured on one H100 80GB HBM3 (jax 0.11.2, Triton 3.6; NF4 + double quant, block 64;
+# `experiments/bench_kernels.py --sweep`, then `--quick --check`, device-side timing; 2026-11-23):
+# - decode, M=1, K=4096 N=11008: 0.0736 ms = 2.29x XLA bf16 (0.0322 ms), plain XLA NF4 0.216 ms,
+#   bitsandbytes gemv 0.0276 ms. M=16: 0.0704 ms = 2.13x bf16 (XLA NF4 0.211, bnb 0.0705).
+#   The "tree" LUT beat "poly" at every swept shape (by 12-20%) and "gather" in run 1.
+#   M=2..4 uses the dot path: measured 0.0855 ms (poly) vs 0.095 ms for the CUDA-core path at M=4;
+#   the tree-LUT dot measured at M=16 does the same work (x is padded to 16 rows).
+# - forward, M=4096, K=4096 N=11008: 1.88 ms = 3.6x bf16 (0.523 ms); plain XLA NF4 0.751 ms.
+#   input gradient: 1.88 ms = 3.6x bf16 (0.518 ms); plain XLA NF4 0.684 ms.
+#   So the training kernels lose to XLA (beats_xla=False) and `supported` declines them.
+_H100 = {
+    "decode": (
+        Entry(1, TileConfig(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="tree",
+                            use_dot=False), True),
+        Entry(16, TileConfig(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="tree",
+                             use_dot=True), True),
+    ),
+    "forward": (
+        Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3), False),
+        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3), False),
+    ),
+    "input_grad": (
+        Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3), False),
+        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3), False),
+    ),
+}
+
+# Other GPUs: the H100 entries (the H200 is the same chip with faster memory).
+TABLE: dict[str, dict[str, tuple[Entry, ...]]] = {
+    "default": _H100,
+    "H100": _H100,
+    "H200": _H100,
+}
+
+# Largest M that the decode kernel serves; above it matmul_nt uses the forward kernel.
+DECODE_MAX_M = 16
+
+
+def device_family(device_kind: str | None = None) -> str:
+    """"H100", "H200", or "default", from a device kind string (default: the first device's)."""
+    if device_kind is None:
+        device_kind = _first_device_kind()
+    for fam in ("H100", "H200"):
+        if fam in device_kind:
+            return fam
+    return "default"
+
+
+@functools.cache
+def _first_device_kind() -> str:
+    try:
+        return jax.devices()[0].device_kind
+    except Exception:  # no backend initialised (should not happen, but tuning must not fail)
+        return ""
+
+
+def get_config(op: str, m: int, n: int, k: int, block_size: int,
+               device_kind: str | None = None) -> TileConfig:
+    """The tuned `TileConfig` for ``op`` ("forward", "decode", "input_grad") at this shape.
+
+    ``block_k`` is reduced to a power of two that divides ``k`` (always possible down to
+    ``min(block_k, block_size)`` since ``k % block_size == 0``).
+    """
+    entry = get_entry(op, m, n, k, device_kind)
+    return fit_block_k(entry.config, k, block_size)
+
+
+def get_entry(op: str, m: int, n: int, k: int, device_kind: str | None = None) -> Entry:
+    """The tuning-table `Entry` (config and measured speed verdict) for ``op`` at this shape."""
+    rows = TABLE[device_family(device_kind)].get(op)
+    if rows is None:
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_H100)}")
+    entry = next((e for e in rows if m <= e.max_m), None)
+    if entry is None:
+        raise ValueError(f"no {op!r} configuration for M={m} (the largest is M={rows[-1].max_m})")
+    del n, k  # not used by the current table; kept in the signature for shape-specific rows
+    return entry
+
+
+def fit_block_k(cfg: TileConfig, k: int, block_size: int) -> TileConfig:
+    """``cfg`` with ``block_k`` halved until it divides ``k`` (it never goes under the
+    sub-block ``min(block_k, block_size)``, which divides ``k``)."""
+    bk = cfg.block_k
+    while k % bk and bk > min(cfg.block_k, block_size):
+        bk //= 2
+    return cfg if bk == cfg.block_k else cfg.replace(block_k=bk)

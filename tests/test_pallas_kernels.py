@@ -1,0 +1,368 @@
+"""Tests of the fused NF4 dequant-matmul kernels (`pallas_kernels`).
+
+On CPU every kernel runs in the Pallas HLO interpreter (``interpret=True``): the same kernel
+body, evaluated by XLA. Each result is compared with the kernel's plain-JAX reference and with an
+independent float64 numpy computation from the raw packed arrays, on fresh random inputs.
+
+Poisoning: (1) outputs — the interpreter fills a pallas_call output with NaN before the kernel
+runs (checked by `test_interpreter_poisons_unwritten_outputs`), so a finite result proves every
+element was written; (2) inputs — buffers are passed larger than the logical problem with NaN /
+garbage beyond it (x and dy columns, weight rows past N, trailing second-level scales), so a
+kernel that reads past the valid region, or fails to mask a reduction tail, produces NaN.
+
+Tests marked ``gpu`` compile the kernels for real; an autouse fixture skips them unless
+``jax.default_backend() == "gpu"`` (run on the GPU machine:
+``python -m pytest tests/test_pallas_kernels.py -m gpu``). Interpret mode cannot prove that a
+kernel lowers to Triton, so run those before trusting a change.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+import pallas_kernels as pk
+from pallas_kernels import _common
+from pallas_kernels.tuning import TileConfig
+from qlora_jax import formats, quantize, dequantize
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+
+ON_GPU = jax.default_backend() == "gpu"
+INTERPRET = not ON_GPU
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_off_gpu(request):
+    if request.node.get_closest_marker("gpu") and not ON_GPU:
+        pytest.skip("needs a GPU (jax.default_backend() == 'gpu')")
+
+
+# ------------------------------------------------------------------------------------------
+# Problem construction and independent references
+
+
+class Problem:
+    """A random weight W[n, k] quantized by qlora_jax, stored in buffers with poisoned tails.
+
+    The weight is quantized with ``pad_rows`` extra rows; their code bytes are replaced by
+    random garbage and their float scales by NaN, and NaN second-level scales are appended, so
+    that any read of a row past n poisons the result.
+    """
+
+    def __init__(self, seed, n, k, block_size, dq_block_size, fmt="nf4", pad_rows=8):
+        rng = np.random.default_rng(seed)
+        self.rng = rng
+        self.n, self.k = n, k
+        w = rng.standard_normal((n + pad_rows, k)).astype(np.float32)
+        q = quantize(w, fmt, block_size=block_size, double_quant=dq_block_size is not None,
+                     dq_block_size=dq_block_size or 256)
+        self.table = formats.get_format(fmt).values
+        self.spec = _common.make_spec(n, k, block_size, dq_block_size, self.table)
+        codes = np.array(q.codes)
+        codes[n * k // 2:] = rng.integers(0, 256, codes.size - n * k // 2, dtype=np.uint8)
+        nb = n * k // block_size
+        absmax = np.array(q.absmax)
+        if dq_block_size is None:
+            absmax[nb:] = np.nan
+            scale = offset = None
+        else:
+            absmax[nb:] = rng.integers(0, 256, absmax.size - nb, dtype=np.uint8)
+            scale = np.concatenate([np.array(q.absmax_scale), np.full(2, np.nan, np.float32)])
+            offset = np.array(q.absmax_offset)
+        self.arrays = tuple(None if a is None else jnp.asarray(a) for a in (codes, absmax, scale, offset))
+        self.q = q  # the library's own quantization (before poisoning), to tie the decode to it
+        self.w64 = self._decode64(codes, absmax, scale, offset, block_size, dq_block_size)
+
+    def _decode64(self, codes, absmax, scale, offset, bs, dqbs):
+        n, k = self.n, self.k
+        b = codes[: n * k // 2]
+        nib = np.stack([b >> 4, b & 0xF], axis=-1).reshape(-1)
+        vals = self.table.astype(np.float64)[nib]
+        a = absmax[: n * k // bs]
+        if dqbs is None:
+            a64 = a.astype(np.float64)
+        else:
+            idx = np.arange(a.size) // dqbs
+            a64 = _common.DYNAMIC_MAP.astype(np.float64)[a] * scale[idx].astype(np.float64) + float(offset)
+        return (vals.reshape(-1, bs) * a64[:, None]).reshape(n, k)
+
+    def activations(self, rows, cols, pad_cols=16, dtype=jnp.bfloat16):
+        """(array [rows, cols + pad_cols] with NaN past cols, float64 copy of the valid part)."""
+        a = self.rng.standard_normal((rows, cols)).astype(np.float32)
+        a = np.asarray(jnp.asarray(a, dtype).astype(jnp.float32))  # exact values the kernel sees
+        padded = np.concatenate([a, np.full((rows, pad_cols), np.nan, np.float32)], axis=1)
+        return jnp.asarray(padded, dtype), a.astype(np.float64)
+
+
+def rel_err(out, ref):
+    out = np.asarray(jnp.asarray(out).astype(jnp.float32), np.float64)
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+def check(out, shape, ref_jax, ref64, tol_ref=5e-3, tol64=1e-2):
+    assert out.shape == shape
+    o = np.asarray(jnp.asarray(out).astype(jnp.float32))
+    assert np.all(np.isfinite(o)), f"{np.sum(~np.isfinite(o))} non-finite outputs (unwritten or poisoned)"
+    ref_jax = np.asarray(jnp.asarray(ref_jax).astype(jnp.float32), np.float64)
+    assert rel_err(out, ref_jax) <= tol_ref, rel_err(out, ref_jax)
+    assert rel_err(out, ref64) <= tol64, rel_err(out, ref64)
+
+
+# ------------------------------------------------------------------------------------------
+# Premises of the poisoning
+
+
+def test_interpreter_poisons_unwritten_outputs():
+    def kernel(x_ref, o_ref):
+        @pl.when(pl.program_id(0) == 0)
+        def _():
+            o_ref[...] = x_ref[...]
+
+    out = pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct((8, 16), jnp.float32), grid=(2,),
+                         in_specs=[pl.BlockSpec((4, 16), lambda i: (i, 0))],
+                         out_specs=pl.BlockSpec((4, 16), lambda i: (i, 0)), interpret=True,
+                         compiler_params=_common.compiler_params(4, 1))(jnp.ones((8, 16)))
+    out = np.asarray(out)
+    assert np.all(out[:4] == 1) and np.all(np.isnan(out[4:]))
+
+
+def test_decodes_match_library():
+    """This file's float64 decode and `pallas_kernels.dequantize_reference` both equal
+    qlora_jax's own `dequantize` on the valid rows (double quant with several scale blocks)."""
+    p = Problem(0, 24, 128, 32, 64)
+    lib = np.asarray(dequantize(p.q, jnp.float32), np.float64)[: p.n]
+    np.testing.assert_allclose(p.w64, lib, rtol=2e-6, atol=1e-7)
+    ref = np.asarray(pk.dequantize_reference(*p.arrays, p.spec))
+    assert ref.shape == (24, 128)
+    np.testing.assert_allclose(ref, lib, rtol=1e-6, atol=1e-7)
+
+
+def test_dynamic_map_copy_matches_library():
+    np.testing.assert_array_equal(_common.DYNAMIC_MAP.view(np.uint32), formats.dynamic_map().view(np.uint32))
+
+
+# ------------------------------------------------------------------------------------------
+# Kernels in interpret mode
+
+
+FORWARD_CASES = [
+    # seed, m, n, k, block_size, dq_block_size, format, config
+    (10, 64, 128, 256, 64, 256, "nf4", TileConfig(block_m=32, block_n=64, block_k=64, lut="poly")),
+    (11, 37, 72, 256, 32, 64, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="gather")),
+    (12, 20, 48, 256, 128, None, "fp4", TileConfig(block_m=16, block_n=16, block_k=64, group_m=2)),
+]
+
+
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,fmt,cfg", FORWARD_CASES)
+def test_nf4_matmul_forward(seed, m, n, k, bs, dqbs, fmt, cfg):
+    p = Problem(seed, n, k, bs, dqbs, fmt)
+    x, x64 = p.activations(m, k)
+    y = pk.nf4_matmul(x, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
+    ref = pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec)
+    check(y, (m, n), ref, x64 @ p.w64.T)
+
+
+DECODE_CASES = [
+    (20, 1, 72, 256, 64, 256, TileConfig(block_n=32, block_k=64, split_k=3, use_dot=False, lut="poly")),
+    (21, 3, 64, 128, 32, None, TileConfig(block_n=16, block_k=64, split_k=1, use_dot=False)),
+    (22, 7, 80, 256, 64, 64, TileConfig(block_n=32, block_k=64, split_k=2, use_dot=True, lut="gather")),
+    (23, 16, 64, 256, 128, None, TileConfig(block_n=64, block_k=64, split_k=1, use_dot=True, lut="poly")),
+]
+
+
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,cfg", DECODE_CASES)
+def test_nf4_decode(seed, m, n, k, bs, dqbs, cfg):
+    p = Problem(seed, n, k, bs, dqbs)
+    x, x64 = p.activations(m, k)
+    y = pk.nf4_decode(x, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
+    ref = pk.nf4_decode_reference(x, *p.arrays, spec=p.spec)
+    check(y, (m, n), ref, x64 @ p.w64.T)
+
+
+DX_CASES = [
+    (30, 64, 128, 256, 64, 256, "nf4", TileConfig(block_m=32, block_n=64, block_k=128, lut="poly")),
+    # ragged everywhere: M % 16, N % 32 (the reduction), K % 128 (a whole 64-wide sub-tile past K)
+    (31, 37, 72, 192, 32, 64, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="gather")),
+    (32, 20, 48, 256, 128, None, "int4", TileConfig(block_m=16, block_n=16, block_k=64)),
+]
+
+
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,fmt,cfg", DX_CASES)
+def test_nf4_matmul_dx(seed, m, n, k, bs, dqbs, fmt, cfg):
+    p = Problem(seed, n, k, bs, dqbs, fmt)
+    dy, dy64 = p.activations(m, n)
+    dx = pk.nf4_matmul_dx(dy, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
+    ref = pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec)
+    check(dx, (m, k), ref, dy64 @ p.w64)
+
+
+# ------------------------------------------------------------------------------------------
+# Dispatch API
+
+
+def _layout(p):
+    return dict(n=p.n, k=p.k, block_size=p.spec.block_size, dq_block_size=p.spec.dq_block_size,
+                code_table=p.table)
+
+
+def test_matmul_nt_decode_path_with_leading_dims():
+    p = Problem(40, 96, 256, 64, 256, pad_rows=0)
+    x, x64 = p.activations(10, 256, pad_cols=0)
+    x3 = x.reshape(2, 5, 256)
+    y = pk.matmul_nt(x3, *p.arrays, **_layout(p), interpret=INTERPRET)
+    assert y.shape == (2, 5, 96) and y.dtype == jnp.bfloat16
+    ref = pk.nf4_decode_reference(x, *p.arrays, spec=p.spec)
+    check(y.reshape(10, 96), (10, 96), ref, x64 @ p.w64.T)
+
+
+def test_matmul_nt_and_nn_forward_path():
+    p = Problem(41, 80, 192, 64, None, pad_rows=0)
+    x, x64 = p.activations(40, 192, pad_cols=0)
+    y = pk.matmul_nt(x, *p.arrays, **_layout(p), interpret=INTERPRET)
+    check(y, (40, 80), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
+    dy, dy64 = p.activations(40, 80, pad_cols=0)
+    dx = pk.matmul_nn(dy, *p.arrays, **_layout(p), interpret=INTERPRET)
+    check(dx, (40, 192), pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec), dy64 @ p.w64)
+
+
+def test_supported():
+    ok = dict(m=512, n=4096, k=4096, block_size=64, double_quant=True)
+    can = functools.partial(pk.supported, only_if_faster=False)
+    assert can("matmul_nt", platform="gpu", **ok)
+    assert can("matmul_nn", platform="cuda", **ok)
+    assert not can("matmul_nt", platform="cpu", **ok)
+    assert not can("matmul_nt", platform="tpu", **ok)
+    assert not can("matmul_nt", platform="gpu", **{**ok, "k": 4096 + 32})   # k % block_size
+    assert not can("matmul_nt", platform="gpu", **{**ok, "block_size": 48})
+    assert not can("matmul_nt", platform="gpu", **{**ok, "m": 0})
+    assert can("matmul_nt", platform="gpu", **{**ok, "m": 1, "n": 11008, "k": 11008})
+    # by default a kernel is offered only where the table records it beating plain XLA
+    for op, kernel_op, m in (("matmul_nt", "decode", 1), ("matmul_nt", "decode", 16),
+                             ("matmul_nt", "forward", 17), ("matmul_nt", "forward", 4096),
+                             ("matmul_nn", "input_grad", 4096)):
+        args = {**ok, "m": m}
+        verdict = pk.tuning.get_entry(kernel_op, m, 4096, 4096).beats_xla
+        assert pk.supported(op, platform="gpu", **args) == verdict
+        assert not pk.supported(op, platform="cpu", **args)
+    with pytest.raises(ValueError, match="unknown op"):
+        pk.supported("matmul_tn", platform="gpu", **ok)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int4", "fp4_e3m0"])
+def test_poly_lut_reproduces_code_table(fmt):
+    table = tuple(float(v) for v in formats.get_format(fmt).values)
+    got = np.asarray(_common.poly_lut(jnp.arange(16, dtype=jnp.int32), _common.poly_coefficients(table)))
+    np.testing.assert_allclose(got, np.array(table), rtol=0, atol=2e-7)
+
+
+def test_poly_lut_refuses_tables_it_cannot_fit():
+    with pytest.raises(ValueError, match="not representable"):
+        _common.poly_coefficients(tuple(float(v) for v in formats.get_format("fp4").values))
+
+
+def test_bad_arguments_raise():
+    p = Problem(42, 32, 128, 64, None, pad_rows=0)
+    x, _ = p.activations(4, 128, pad_cols=0)
+    codes, absmax, _, _ = p.arrays
+    with pytest.raises(TypeError, match="codes must be uint8"):
+        pk.matmul_nt(x, codes.astype(jnp.int32), absmax, None, None, **_layout(p))
+    with pytest.raises(ValueError, match="multiple of block_size"):
+        pk.matmul_nt(x, codes, absmax, None, None, **{**_layout(p), "block_size": 256})
+    with pytest.raises(ValueError, match="expected k"):
+        pk.matmul_nt(x[:, :64], codes, absmax, None, None, **_layout(p))
+    with pytest.raises(ValueError, match="absmax_scale and absmax_offset"):
+        pk.matmul_nt(x, codes, absmax.astype(jnp.uint8), None, None, **{**_layout(p), "dq_block_size": 256})
+    with pytest.raises(ValueError, match="code_table"):
+        pk.matmul_nt(x, codes, absmax, None, None, **{**_layout(p), "code_table": np.zeros(8)})
+
+
+def test_nf4_table_copy_matches_library():
+    np.testing.assert_array_equal(np.array(_common.CODE_TABLES["nf4"], np.float32),
+                                  formats.get_format("nf4").values)
+
+
+def test_quantized_array_entry_points():
+    """`supports` / `dequant_matmul` / `dequant_matmul_t` on a qlora_jax.QuantizedArray (shapes
+    as in the two tests above, so the kernels compiled there are reused)."""
+    rng = np.random.default_rng(43)
+    w = rng.standard_normal((96, 256)).astype(np.float32)
+    q = quantize(w, "nf4", block_size=64, double_quant=True)
+    assert pk.supports(10, 256, 96, q, compute_dtype=jnp.bfloat16) == pk.supported(
+        "matmul_nt", 10, 96, 256, 64, True, jax.default_backend())  # False on CPU: XLA path
+    assert not pk.supports(10, 256, 96, quantize(w, "fp4"), compute_dtype=jnp.bfloat16)
+    assert not pk.supports(10, 256, 96, q, compute_dtype=jnp.float32)
+    assert not pk.supports(10, 128, 96, q, compute_dtype=jnp.bfloat16)  # shape mismatch
+    w64 = np.asarray(dequantize(q, jnp.float32), np.float64)
+    x = jnp.asarray(rng.standard_normal((10, 256)), jnp.float32)  # cast to bf16 inside
+    x64 = np.asarray(x.astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    y = pk.dequant_matmul(x, q, compute_dtype=jnp.bfloat16, interpret=INTERPRET)
+    assert y.dtype == jnp.bfloat16 and y.shape == (10, 96)
+    assert rel_err(y, x64 @ w64.T) <= 1e-2
+    w2 = rng.standard_normal((80, 192)).astype(np.float32)
+    q2 = quantize(w2, "nf4", block_size=64, double_quant=False)
+    dy = jnp.asarray(rng.standard_normal((40, 80)), jnp.bfloat16)
+    dx = pk.dequant_matmul_t(dy, q2, compute_dtype=jnp.bfloat16, interpret=INTERPRET)
+    assert dx.shape == (40, 192)
+    w2_64 = np.asarray(dequantize(q2, jnp.float32), np.float64)
+    assert rel_err(dx, np.asarray(dy.astype(jnp.float32), np.float64) @ w2_64) <= 1e-2
+
+
+def test_tuning_table_fits_k():
+    for op in ("forward", "decode", "input_grad"):
+        for m in ((1, 4, 16) if op == "decode" else (1, 4, 16, 17, 512, 8192)):
+            for k, bs in ((4096, 64), (11008, 64), (192, 64), (96, 32), (4096, 4096)):
+                cfg = pk.get_config(op, m, 4096, k, bs, device_kind="NVIDIA H100 80GB HBM3")
+                sb = min(cfg.block_k, bs)
+                assert k % cfg.block_k == 0 and cfg.block_k % sb == 0, (op, m, k, bs, cfg)
+    with pytest.raises(ValueError, match="unknown op"):
+        pk.get_config("backward", 1, 1, 64, 64)
+    with pytest.raises(ValueError, match="no 'decode' configuration"):
+        pk.get_config("decode", pk.DECODE_MAX_M + 1, 64, 64, 64)
+
+
+# ------------------------------------------------------------------------------------------
+# GPU: the same kernels compiled by Triton, at real shapes
+
+
+# (m, n, k): decode and training M, Llama-7B-like N/K, and a ragged M/N at real scale
+GPU_SHAPES = [(1, 4096, 4096), (4, 11008, 4096), (16, 4096, 11008), (333, 1000, 4096)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k", GPU_SHAPES)
+@pytest.mark.parametrize("dqbs", [256, None])
+def test_gpu_matmul_nt_nn(m, n, k, dqbs):
+    p = Problem(50 + m, n, k, 64, dqbs, pad_rows=0)
+    x, x64 = p.activations(m, k, pad_cols=0)
+    y = jax.jit(lambda x, *a: pk.matmul_nt(x, *a, **_layout(p)))(x, *p.arrays)
+    ref = pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec)
+    check(y, (m, n), ref, x64 @ p.w64.T)
+    dy, dy64 = p.activations(m, n, pad_cols=0)
+    dx = jax.jit(lambda d, *a: pk.matmul_nn(d, *a, **_layout(p)))(dy, *p.arrays)
+    check(dx, (m, k), pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec), dy64 @ p.w64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,fmt,cfg", FORWARD_CASES)
+def test_gpu_small_cases_compile(seed, m, n, k, bs, dqbs, fmt, cfg):
+    """The interpret-mode cases (poisoned buffers, ragged tails, gather LUT) compiled for real."""
+    test_nf4_matmul_forward(seed, m, n, k, bs, dqbs, fmt, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,cfg", DECODE_CASES)
+def test_gpu_decode_cases_compile(seed, m, n, k, bs, dqbs, cfg):
+    test_nf4_decode(seed, m, n, k, bs, dqbs, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,fmt,cfg", DX_CASES)
+def test_gpu_dx_cases_compile(seed, m, n, k, bs, dqbs, fmt, cfg):
+    test_nf4_matmul_dx(seed, m, n, k, bs, dqbs, fmt, cfg)
