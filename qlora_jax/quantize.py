@@ -295,7 +295,9 @@ def double_quantize(absmax: jax.Array, dq_block_size: int = 256,
     absmax = jnp.asarray(absmax, jnp.float32)
     if offset is None:
         offset = _exact_mean(absmax)
-    offset = jnp.asarray(offset, jnp.float32)
+    # The barrier pins the offset to its stored float32 value: without it XLA (CPU) fuses the
+    # subtraction with the mean's computation and centres on an unrounded offset.
+    offset = jax.lax.optimization_barrier(jnp.asarray(offset, jnp.float32))
     centred = absmax - offset
     blocks, scale = _blockwise_absmax(centred, dq_block_size)
     scaled = _scale(blocks, scale).reshape(-1)[: absmax.shape[0]]
@@ -321,7 +323,9 @@ def _exact_mean(x: jax.Array) -> jax.Array:
         return s, c1 + c2 + err
 
     s, c = jax.lax.reduce((x, jnp.zeros_like(x)), (jnp.float32(0), jnp.float32(0)), reducer, (0,))
-    return ((s + c) / jnp.float32(x.shape[0])).astype(jnp.float32)
+    # The barrier keeps XLA from rewriting ``/ n`` as ``* (1/n)`` (1 ulp off, and only under jit).
+    n = jax.lax.optimization_barrier(jnp.float32(x.shape[0]))
+    return ((s + c) / n).astype(jnp.float32)
 
 
 def _quantize_flat(flat: jax.Array, fmt: _formats.Format, block_size: int,
@@ -330,9 +334,12 @@ def _quantize_flat(flat: jax.Array, fmt: _formats.Format, block_size: int,
     flat = flat.astype(jnp.float32)
     n = flat.shape[0]
     blocks, absmax = _blockwise_absmax(flat, block_size)
-    # max |x| is NaN or Inf exactly when the block holds a non-finite value: checking the scales
-    # (n/block_size values) is enough and costs no extra pass over the input.
-    all_finite = jnp.all(jnp.isfinite(absmax))
+    # XLA:CPU's max reduction can drop NaN, so test the values themselves (fused with the absmax
+    # pass); a block holding NaN/Inf gets a NaN scale, so a non-finite input never yields
+    # plausible-looking codes, even under jit where we cannot raise.
+    block_finite = jnp.all(jnp.isfinite(blocks), axis=1)
+    absmax = jnp.where(block_finite, absmax, jnp.float32(jnp.nan))
+    all_finite = jnp.all(block_finite)
     codes = _encode(_scale(blocks, absmax).reshape(-1), fmt)
     # Elements past n are padding: only ceil(n/2) bytes are stored, and a padding element
     # encodes 0, i.e. the zero code, as in bitsandbytes.
