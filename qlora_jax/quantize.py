@@ -54,6 +54,7 @@ __all__ = [
     "quantize",
     "dequantize",
     "double_quantize",
+    "decode_absmax",
     "quantize_linear_kernel",
     "quantize_tree",
     "dequantize_tree",
@@ -391,7 +392,8 @@ def _quantize_flat_by_name(flat, format, block_size, dq_block_size):
 _quantize_jit = jax.jit(_quantize_flat_by_name, static_argnums=(1, 2, 3))
 
 
-def _decode_absmax(q: QuantizedArray) -> jax.Array:
+def decode_absmax(q: QuantizedArray) -> jax.Array:
+    """The float32 block scales of ``q`` ([n_blocks]), decoding double quantization if present."""
     if not q.double_quant:
         return q.absmax
     table = jnp.asarray(_formats.dynamic_map())
@@ -432,7 +434,7 @@ def _dequantize_impl(q: QuantizedArray, dtype: str) -> jax.Array:
     lo = q.codes & 0xF
     codes = jnp.stack([hi, lo], axis=-1).reshape(-1)[: q.size]
     values = jnp.asarray(fmt.values)[codes.astype(jnp.int32)]
-    absmax = _decode_absmax(q)
+    absmax = decode_absmax(q)
     pad = q.n_blocks * q.block_size - q.size
     vals = jnp.pad(values, (0, pad)).reshape(q.n_blocks, q.block_size) * absmax[:, None]
     return vals.reshape(-1)[: q.size].reshape(q.shape).astype(dtype)
