@@ -46,16 +46,14 @@ def relative_error(w: jax.Array, fmt: str, block_size: int, dq: bool) -> tuple[f
     return float(np.sum(err * err)), float(np.sum(np.asarray(w, np.float64) ** 2))
 
 
-def linear_weights(model_dir: str):
-    """Yields (name, float32 [out, in]) for every linear projection of an HF Llama folder."""
-    from safetensors import safe_open
+def linear_weights(path: str):
+    """Yields (name, float32 [out, in]) for every linear projection of an HF folder or GGUF file."""
+    from qlora_jax.io.hf import read_checkpoint
 
-    files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
-    for f in files:
-        with safe_open(os.path.join(model_dir, f), framework="numpy") as st:
-            for name in st.keys():
-                if re.search(r"\.(q|k|v|o|gate|up|down)_proj\.weight$", name):
-                    yield name, st.get_tensor(name).astype(np.float32)
+    _, tensors = read_checkpoint(path)
+    for name, w in tensors:
+        if re.search(r"\.(q|k|v|o|gate|up|down)_proj\.weight$", name):
+            yield name, np.asarray(w, np.float32)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -81,10 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         model_dir = args.model
         if model_dir is None:
             from qlora_jax import assets
-            model_dir = assets.default_model_path()
-        elif model_dir.endswith(".gguf"):
-            from qlora_jax import assets
-            model_dir = assets.convert_gguf_to_hf(model_dir)
+            model_dir = str(assets.default_model_path())
         acc: dict[tuple[str, int], list[float]] = {}
         weights = list(linear_weights(model_dir))
         if not weights:
