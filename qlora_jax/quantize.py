@@ -25,8 +25,17 @@ Known divergences from bitsandbytes (documented, and tested to decode to the sam
   the CPU's vector width; we take the exact mean (float64 sum, one rounding), which can differ
   from either by a few ulp. Everything downstream of the offset is byte-identical given the same
   offset (`double_quantize` takes the offset as an argument so that can be checked).
-- bitsandbytes' CPU C++ 8-bit kernel is not exactly round-to-nearest for values within ~1e-5 of
-  a midpoint; we follow the exact midpoint rule of its CUDA kernel and portable backend.
+- bitsandbytes' CPU C++ 8-bit kernel rounds to one of 65,536 bins first, so within ~1.5e-5 of a
+  midpoint it can pick another code (0.2% of codes in our tests); we follow the exact midpoint
+  rule of its CUDA kernel and portable backend.
+- bitsandbytes' portable backend divides the partial last block by its absmax (instead of
+  multiplying by the reciprocal) and stores 1e-38 as the absmax of an all-zero partial block;
+  we use the reciprocal (as its CUDA kernel does) and store 0. Values exactly at a midpoint after
+  one rounding but not the other can then get neighbouring codes.
+- Subnormal inputs are flushed to zero by XLA, so an FP4 value below 2**-126 encodes as +0.
+- bitsandbytes' C++/CUDA decoders return -0.0 for FP4 code 8; our table has +0.0 there (as its
+  Python table does). Equal values, different sign bit.
+tests/test_bnb_exact.py checks all of these against the real library.
 
 Linear weights: a torch ``Linear.weight`` is ``[out, in]`` and a Flax kernel is ``[in, out]``.
 `quantize` always works in the element order of the array it is given; quantize
