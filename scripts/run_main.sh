@@ -5,4 +5,4 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 source scripts/_env.sh
 venv="$(ensure_venv | tail -n 1)"
-exec "$venv/bin/python" experiments/quant_error.py "$@"
+exec "$venv/bin/python" experiments/finetune.py "$@"
