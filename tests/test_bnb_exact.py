@@ -33,8 +33,10 @@ What bitsandbytes' CPU build does (measured; each point is asserted below):
   value, and it writes code 0 for a block whose values are all zero (we write the code of 0, 127).
   Both decode to the same scale in that block. An emulation of it is asserted exact.
 - Dequantization is ``table[code] * absmax`` in float32 (after ``code8 * scale + offset``, two
-  roundings) and agrees bit for bit, except that the C++ FP4 kernel writes -0.0 for code 8 (the
-  negative-zero code) where the table and we give +0.0.
+  roundings) and agrees bit for bit, except for the sign of zero in FP4: the C++ kernel's sign
+  handling depends on the CPU it dispatches for (seen on one machine: -0.0 for code 8, the
+  negative-zero code, where the table and we give +0.0; on an AVX2 machine: +0.0 where a
+  negative code meets a zero absmax and we give -0.0). The values are equal.
 
 Read in the CUDA source, not run here: the NF4 decision tree uses the exact float32 midpoints
 (ties to the lower code), but the FP4 tree's literal thresholds are up to 14 ulp off the
@@ -789,11 +791,12 @@ def test_blockwise_8bit_ties_and_near_ties(xchg: Exchange) -> None:
 
 
 def _check_dequant(name: str, ours: np.ndarray, bnb: np.ndarray, ref: np.ndarray, codes: np.ndarray, fmt: str) -> int:
-    """ours == numpy reference bit for bit; bnb too, but for -0.0 at FP4 code 8. Returns that count."""
+    """ours == numpy reference bit for bit; bnb too, but for the sign of zero in FP4 (see the module
+    docstring). Returns the count of such signed-zero differences."""
     np.testing.assert_array_equal(_bits(ours), _bits(ref), err_msg=f"{name}: ours vs numpy reference")
     differ = np.flatnonzero(_bits(ours) != _bits(bnb))
-    neg_zero = (fmt == "fp4") & (codes[differ] == 8) & (_bits(bnb[differ]) == 0x80000000) & (_bits(ours[differ]) == 0)
-    assert neg_zero.all(), (name, differ[~neg_zero][:5], ours[differ[~neg_zero][:5]], bnb[differ[~neg_zero][:5]])
+    zero_sign = (fmt == "fp4") & (ours[differ] == 0) & (bnb[differ] == 0)
+    assert zero_sign.all(), (name, differ[~zero_sign][:5], ours[differ[~zero_sign][:5]], bnb[differ[~zero_sign][:5]])
     return int(differ.size)
 
 
@@ -815,7 +818,7 @@ def test_dequantize_bitsandbytes_bytes_bit_for_bit(xchg: Exchange) -> None:
             ref = _to_bf16(ref).astype(F32)
         neg_zeros += _check_dequant(name, xchg.ours[name]["dequant_bnb"], xchg.bnb[name + "/dequant"], ref, codes, fmt)
         compared += n
-    _report("dequantize bnb bytes", elements=compared, fp4_code8_negative_zero_in_bnb=neg_zeros)
+    _report("dequantize bnb bytes", elements=compared, fp4_signed_zero_differences=neg_zeros)
 
 
 def test_dequantize_random_bytes(xchg: Exchange) -> None:

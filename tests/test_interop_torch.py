@@ -95,6 +95,14 @@ def compare_variants(folder: Path) -> dict:
     def same(a, b):
         return a.shape == b.shape and np.array_equal(a.view(np.uint32), b.view(np.uint32))
 
+    def same_but_zero_sign(a, b):
+        # bitsandbytes' C++ FP4 kernel differs from its portable backend (and us) in the sign of
+        # zero, in a way that depends on the CPU it dispatches for (see tests/test_bnb_exact.py)
+        if a.shape != b.shape:
+            return False
+        differ = a.view(np.uint32) != b.view(np.uint32)
+        return bool(np.all((a[differ] == 0) & (b[differ] == 0)))
+
     out = {"portable": {}, "dequantize_4bit": {}, "bnb_cpu_kernel_differs": []}
     for v in specs:
         key = v["name"] + ".weight"
@@ -104,7 +112,7 @@ def compare_variants(folder: Path) -> dict:
         ours = np.asarray(dequantize(q, jnp.float32))
         out["portable"][v["name"]] = bool(settings_ok and same(ours, deq[key + ".portable"]))
         if v["in"] % v["blocksize"] == 0:
-            out["dequantize_4bit"][v["name"]] = bool(settings_ok and same(ours, deq[key]))
+            out["dequantize_4bit"][v["name"]] = bool(settings_ok and same_but_zero_sign(ours, deq[key]))
         if not same(deq[key], deq[key + ".portable"]):
             out["bnb_cpu_kernel_differs"].append(v["name"])
     return out
@@ -253,7 +261,7 @@ def check_proof(res: dict) -> list[str]:
         "1: every Linear4bit variant (fp4/nf4, DQ on/off, blocks 32-256, storage dtypes, partial and "
         "straddling blocks) imports bit-identically to the portable backend": (
             len(res["variants"]["portable"]) == 6 and all(res["variants"]["portable"].values())),
-        "1: ... and to dequantize_4bit where rows hold whole blocks": (
+        "1: ... and to dequantize_4bit (up to the sign of zero) where rows hold whole blocks": (
             len(res["variants"]["dequantize_4bit"]) == 4 and all(res["variants"]["dequantize_4bit"].values())),
         # 2. our adapter (rsLoRA, rank/alpha patterns) -> PeftModel.from_pretrained
         "2: adapter_config fields": (cfg["use_rslora"] is True and cfg["r"] == 8 and cfg["lora_alpha"] == 16
