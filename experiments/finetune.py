@@ -13,6 +13,8 @@ into ``--out``: ``metrics.jsonl``, ``loss_curve.png``, ``summary.json``, the ada
     python experiments/finetune.py --data lee --steps 100           # plain text, packed
     python experiments/finetune.py --model path/to/hf_folder_or.gguf --data train.jsonl \\
         --seq-len 1024 --batch-size 4 --remat full --offload-optimizer   # a GPU run
+    python experiments/finetune.py --mesh data=1,fsdp=8 --batch-size 8   # 8 devices, FSDP
+    python experiments/finetune.py --distributed --mesh data=2,fsdp=-1 ...  # on every host
 
 Every input is checked (model, data rows, sequence lengths, batch size) before the model loads.
 """
@@ -99,6 +101,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="matmul/activation dtype; auto = bfloat16 on GPU/TPU, float32 on CPU")
     g.add_argument("--load-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype the float weights are loaded in before quantization")
+    g = p.add_argument_group("devices (see qlora_jax.sharding)")
+    g.add_argument("--mesh", default=None,
+                   help="train on a device mesh, e.g. 'data=2,fsdp=4[,tensor=2]' (sizes multiply to the "
+                        "device count; one may be -1); --batch-size is then the global batch and must be a "
+                        "multiple of data x fsdp. Default: one device")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (one process per host; the cluster is "
+                        "auto-detected unless --coordinator/--num-processes/--process-id are given)")
+    g.add_argument("--coordinator", default=None, help="with --distributed: HOST:PORT of process 0")
+    g.add_argument("--num-processes", type=int, default=None, help="with --distributed")
+    g.add_argument("--process-id", type=int, default=None, help="with --distributed")
     g = p.add_argument_group("evaluation, output and checkpoints")
     g.add_argument("--out", default="runs/finetune", help="output folder")
     g.add_argument("--eval-batch-size", type=int, default=8)
@@ -126,6 +139,17 @@ def _check_numbers(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for flag, ok in rules:
         if not ok:
             p.error(f"invalid value for {flag}: {getattr(a, flag[2:].replace('-', '_'))}")
+    if a.mesh is not None:
+        from qlora_jax.sharding import parse_mesh
+
+        try:
+            parse_mesh(a.mesh)
+        except ValueError as e:
+            p.error(f"--mesh: {e}")
+    if a.distributed and a.mesh is None:
+        p.error("--distributed needs --mesh (the devices of all processes form one mesh)")
+    if not a.distributed and (a.coordinator or a.num_processes is not None or a.process_id is not None):
+        p.error("--coordinator/--num-processes/--process-id need --distributed")
     if a.schedule != "constant" and a.warmup >= a.steps:
         p.error(f"--warmup ({a.warmup}) must be smaller than --steps ({a.steps}) for the {a.schedule} schedule")
 
@@ -335,10 +359,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     from tqdm import tqdm
 
+    from qlora_jax import sharding as qsharding
     from qlora_jax import train as qtrain
 
+    if args.distributed:  # before anything touches a device
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     jax.config.update("jax_default_prng_impl", args.prng)  # before any key exists
     out = Path(args.out)
+    ckpt_dir = out / "checkpoints"  # shared by every process (Orbax writes each one's shards)
+    if jax.process_index() > 0:  # process 0 writes the run's files; the others log beside them
+        out = out / f"process_{jax.process_index()}"
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(os.environ.get("QLORA_JAX_CACHE") or Path.home() / ".cache" / "qlora_jax") / "xla"
     try:  # reuse compiled steps across runs (the train step takes a while to compile on CPU)
@@ -351,10 +382,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cd = compute_dtype(args.compute_dtype)
     run_config = {k: getattr(args, k) for k in _RESUME_KEYS if hasattr(args, k)}
     run_config.update(model=prep.model_path, steps=args.steps, compute_dtype=jnp.dtype(cd).name,
-                      remat=args.remat, offload_optimizer=args.offload_optimizer, scan_layers=args.scan_layers)
+                      remat=args.remat, offload_optimizer=args.offload_optimizer, scan_layers=args.scan_layers,
+                      mesh=args.mesh, processes=jax.process_count())
     print(f"model {prep.model_path}\ndata {args.data} ({prep.kind}): train {prep.train_stats.as_dict()}\n"
           f"  held-out {prep.eval_stats.as_dict()}\ndevice {jax.devices()[0].device_kind} "
           f"({jax.default_backend()}), compute {jnp.dtype(cd).name}", flush=True)
+
+    mesh = None
+    if args.mesh:
+        mesh = qsharding.make_mesh(args.mesh)
+        qsharding.check_batch({"input_ids": prep.train_rows["input_ids"][: args.batch_size]}, mesh)
+        print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices in {jax.process_count()} "
+              f"process(es)", flush=True)
 
     t = time.perf_counter()
     model, lcfg, paths = load_model(args, prep, cd)
@@ -365,36 +404,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tx = qtrain.make_optimizer(args.lr, args.schedule, warmup_steps=args.warmup, total_steps=args.steps,
                                weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm or None,
                                accumulation_steps=args.grad_accum)
-    graphdef, state, frozen, offload = qtrain.init_train_state(
-        model, tx, offload=qtrain.OffloadConfig(optimizer_state=args.offload_optimizer))
+    offload_cfg = qtrain.OffloadConfig(optimizer_state=args.offload_optimizer)
+    graphdef, state, frozen, offload = qtrain.init_train_state(model, tx, offload=None if mesh else offload_cfg)
+    if mesh is not None:  # partition rules and placement: qlora_jax.sharding
+        state, frozen, shardings, offload = qsharding.shard_training(state, frozen, tx, mesh, offload=offload_cfg)
     del model  # the split states hold everything from here on
     n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
     opt_mib = qtrain.tree_bytes(state.opt_state) / 2**20
     print(f"trainable params {n_train:,}; optimizer state {opt_mib:.1f} MiB "
           f"{'in pinned host memory' if offload else 'in device memory'}", flush=True)
     forward = qtrain.scan_forward if args.scan_layers else qtrain.default_forward
-    train_step = qtrain.make_train_step(graphdef, tx, offload=offload, schedule=sched,
-                                        accumulation_steps=args.grad_accum, forward=forward)
+    if mesh is None:
+        train_step = qtrain.make_train_step(graphdef, tx, offload=offload, schedule=sched,
+                                            accumulation_steps=args.grad_accum, forward=forward)
+    else:
+        train_step = qsharding.make_sharded_train_step(graphdef, tx, shardings, offload=offload, schedule=sched,
+                                                       accumulation_steps=args.grad_accum, forward=forward)
     eval_step = qtrain.make_eval_step(graphdef, forward=forward)
     it = qdata.BatchIterator(prep.train_rows, args.batch_size, seed=args.seed)
     pad_id = prep.tokenizer.pad_id if prep.tokenizer.pad_id is not None else (prep.tokenizer.eos_id or 0)
 
     def held_out() -> dict[str, float]:
-        return qtrain.evaluate(eval_step, state, frozen,
-                               qdata.eval_batches(prep.eval_rows, args.eval_batch_size, pad_id))
+        batches = qdata.eval_batches(prep.eval_rows, args.eval_batch_size, pad_id)
+        if mesh is not None:  # replicated: any batch size, and global arrays for several processes
+            batches = (qsharding.replicate(b, mesh) for b in batches)
+        return qtrain.evaluate(eval_step, state, frozen, batches)
+
+    def next_batch() -> dict[str, Any]:
+        return next(it) if mesh is None else qsharding.shard_batch(next(it), mesh)
 
     def gens() -> list[str]:
+        if jax.process_count() > 1:  # generation is single-process code
+            return []
         return generate_texts(qtrain.merge_model(graphdef, state, frozen), prep.tokenizer, prep.prompts,
                               args.max_new_tokens)
 
-    ckpt = qtrain.CheckpointManager(out / "checkpoints", max_to_keep=args.keep)
+    ckpt = qtrain.CheckpointManager(ckpt_dir, max_to_keep=args.keep)
     metrics_file = out / "metrics.jsonl"
     start = 0
     extra: dict[str, Any] = {}
     if args.resume:
         restored = ckpt.restore_latest(state)
         if restored is None:
-            print(f"--resume: no checkpoint in {out / 'checkpoints'}; starting fresh", flush=True)
+            print(f"--resume: no checkpoint in {ckpt_dir}; starting fresh", flush=True)
         else:
             diff = {k: (restored.config.get(k), run_config.get(k)) for k in _RESUME_KEYS
                     if restored.config and restored.config.get(k) != run_config.get(k)}
@@ -439,7 +491,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             t = time.perf_counter()
             losses, toks, gnorm, lr = [], 0.0, 0.0, 0.0
             for _ in range(args.grad_accum):
-                state, m = train_step(state, frozen, next(it))
+                state, m = train_step(state, frozen, next_batch())
                 losses.append(float(m["loss"]))
                 toks += float(m["tokens"])
                 gnorm, lr = float(m["grad_norm"]), float(m["lr"])
@@ -475,7 +527,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"after: held-out loss {after['loss']:.4f}, perplexity {after['perplexity']:.2f} "
               f"({time.perf_counter() - t:.1f}s)", flush=True)
 
-    qtrain.save_adapter(out / "adapter", state.params, lcfg,
+    params = state.params if mesh is None else qsharding.to_host(state.params)  # gathered from all hosts
+    qtrain.save_adapter(out / "adapter", params, lcfg,
                         metadata={"base_model": prep.model_path, "steps": final_step,
                                   "quant_format": args.format, "double_quant": args.double_quant,
                                   "block_size": args.block_size})
@@ -513,7 +566,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ("tokens/s (after compile)", "", f"{tok_s:.0f}"),
     ])
     print(f"wrote {metrics_file}, {out / 'loss_curve.png'}, {out / 'summary.json'}, {out / 'adapter'}, "
-          f"{out / 'checkpoints'}")
+          f"{ckpt_dir}")
     return summary
 
 

@@ -5,7 +5,7 @@ bitsandbytes; LoRA adapters for Flax models; Pallas GPU kernels; training utilit
 
 Submodules (imported on demand): `qlora_jax.ops` (qlora_matmul), `qlora_jax.lora` (LoraConfig),
 `qlora_jax.nnx` / `qlora_jax.linen` (the model transforms), `qlora_jax.models`, `qlora_jax.io`,
-`qlora_jax.train`, `qlora_jax.data`.
+`qlora_jax.train`, `qlora_jax.data`, `qlora_jax.sharding` (meshes and partition rules).
 """
 
 from qlora_jax.formats import FORMATS, Format, dynamic_map, get_format
