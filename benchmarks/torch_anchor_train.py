@@ -41,27 +41,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The same table as experiments/bench_train.py (a test checks they agree); kept here because this
-# script runs where JAX is not installed.
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0,
-               max_position_embeddings=8192, tie_word_embeddings=True)
-SHAPES: dict[str, dict[str, Any]] = {
-    "tiny": dict(hf=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096),
-                 batch=2, seq=32),
-    "smollm2-135m": dict(hf=SMOLLM2, batch=4, seq=1024, real=True),
-    "smollm2-135m-random": dict(hf=SMOLLM2, batch=4, seq=1024),
-    "tinyllama-1.1b": dict(hf=dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                                   max_position_embeddings=2048), batch=4, seq=1024),
-    "llama2-7b": dict(hf=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                              num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
-                              max_position_embeddings=4096), batch=1, seq=2048),
-    "llama2-70b": dict(hf=dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                               num_attention_heads=64, num_key_value_heads=8, vocab_size=32000,
-                               max_position_embeddings=4096), batch=1, seq=1024),
-}
+# HF config fields and batch x sequence of each shape, shared with the other training benchmark script.
+SHAPES: dict[str, dict[str, Any]] = {k: v for k, v in json.loads(
+    (ROOT / "benchmarks" / "train_shapes.json").read_text()).items() if not k.startswith("_")}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -265,7 +265,10 @@ def test_max_seq_search_doubles_then_bisects_and_catches_oom():
 
 def test_anchor_shares_the_shape_table_and_anchor_rows_attach():
     anchor = _load_script("torch_anchor_train", "benchmarks/torch_anchor_train.py")  # imports no torch
-    assert anchor.SHAPES == bench.SHAPES
+    assert anchor.SHAPES == bench.SHAPES and "tinyllama-1.1b" in bench.SHAPES
+    tl = bench.SHAPES["tinyllama-1.1b"]  # the shape the anchor figures were measured on
+    assert (tl["hf"]["num_hidden_layers"], tl["hf"]["hidden_size"], tl["hf"]["intermediate_size"],
+            tl["batch"], tl["seq"]) == (22, 2048, 5632, 4, 1024)
     rows = [{"shape": "tinyllama-1.1b", "batch": 4, "seq": 1024, "tok_s": 20000.0, "peak_gib": 4.0,
              "flops_per_token": 1e10}]
     bench.attach_anchor(rows, {"rows": [{"shape": "tinyllama-1.1b", "batch": 4, "seq": 1024, "tok_s": 9320.0,
