@@ -303,17 +303,25 @@ def load_adapter(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
 
 
 def attach_adapter(model: nnx.Module, path: str | os.PathLike, *, quantize: Any = "saved",
-                   compute_dtype: Any = jnp.bfloat16) -> tuple[Any, dict[str, Any]]:
+                   compute_dtype: Any = jnp.bfloat16, adapter_name: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Inject the adapter saved at ``path`` into ``model`` (in place) and load its weights.
 
     Args:
-      model: a float model with its original ``nnx.Linear`` layers.
+      model: a float model with its original ``nnx.Linear`` layers, or a model that already holds
+        adapters (its layers keep their base; ``quantize`` then only applies to float layers).
       path: a folder written by `save_adapter`.
       quantize: a ``QuantPolicy`` or None for the base; ``"saved"`` uses the ``format`` /
         ``double_quant`` recorded with the adapter (NF4+DQ if none was recorded).
       compute_dtype: matmul dtype of the adapted layers.
+      adapter_name: None (default) loads the file as it was saved (adapter ``"default"``, every
+        saved param). A name loads the file's LoRA A/B weights as a new adapter of that name, next
+        to the adapters the model already has (several trained adapters in one model); the file
+        must then hold the A/B weights of exactly one adapter and nothing else.
     Returns:
-      ``(LoraConfig, metadata)``.
+      ``(LoraConfig, metadata)``; the new adapter is active.
+    Raises:
+      ValueError: with ``adapter_name``, a file holding other params (``modules_to_save``) or
+        several adapters, or a name already in use (see `qlora_jax.nnx.inject`).
     """
     from qlora_jax import nnx as qnnx  # noqa: PLC0415 - avoid an import cycle at module load
     from qlora_jax.lora import LoraConfig
@@ -325,9 +333,39 @@ def attach_adapter(model: nnx.Module, path: str | os.PathLike, *, quantize: Any 
         quantize = None if fmt == "none" else QuantPolicy(format=fmt, double_quant=bool(meta.get("double_quant", True)),
                                                         block_size=int(meta.get("block_size", 64)))
     lcfg = LoraConfig.from_dict(cfg)
-    qnnx.inject(model, lcfg, quantize=quantize, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
-    apply_adapter(model, arrays)
+    if adapter_name is None:
+        qnnx.inject(model, lcfg, quantize=quantize, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
+        apply_adapter(model, arrays)
+        return lcfg, meta
+    weights = _layer_weights(arrays, path)  # checked before the model is touched
+    qnnx.inject(model, lcfg, quantize=quantize, compute_dtype=compute_dtype, rngs=nnx.Rngs(0),
+                adapter_name=adapter_name)
+    qnnx.load_adapter_weights(model, weights, adapter_name)
     return lcfg, meta
+
+
+def _layer_weights(arrays: Mapping[str, np.ndarray], where: Any) -> dict[str, dict[str, np.ndarray]]:
+    """``{layer path: {"lora_a", "lora_b"}}`` from flat ``<layer>.lora_{a,b}.<adapter>`` names of one
+    adapter (the layout `qlora_jax.nnx.load_adapter_weights` takes)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    names, other = set(), []
+    for key, arr in arrays.items():
+        layer, _, rest = key.rpartition(".lora_")
+        which, _, name = rest.partition(".")
+        if not layer or which not in ("a", "b") or not name or "." in name:
+            other.append(key)
+            continue
+        names.add(name)
+        out.setdefault(layer, {})["lora_" + which] = arr
+    if other:
+        raise ValueError(f"{where}: holds params other than LoRA A/B weights ({other[:3]}); load it with "
+                         f"adapter_name=None into a model without adapters")
+    if len(names) != 1:
+        raise ValueError(f"{where}: holds {len(names)} adapters {sorted(names)}; adapter_name needs exactly one")
+    half = [p for p, w in out.items() if len(w) != 2]
+    if half:
+        raise ValueError(f"{where}: layers with only one of lora_a / lora_b: {half[:3]}")
+    return out
 
 
 def apply_adapter(model: nnx.Module, arrays: Mapping[str, np.ndarray]) -> None:
