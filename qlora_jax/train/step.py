@@ -316,15 +316,7 @@ def make_eval_step(graphdef: Any, *, forward: Forward = default_forward
 
 def evaluate(eval_step: Callable, state: TrainState, frozen: Any, batches: Iterable[Batch]) -> dict[str, float]:
     """Held-out ``{"loss", "perplexity", "tokens"}`` over all ``batches`` (token-weighted mean NLL)."""
-    total, count = 0.0, 0.0
-    for batch in batches:
-        s, c = eval_step(state.params, state.rngs, frozen, batch)
-        total += float(s)
-        count += float(c)
-    if count == 0:
-        raise ValueError("evaluation batches contain no target tokens")
-    loss = total / count
-    return {"loss": loss, "perplexity": float(math.exp(min(loss, 700.0))), "tokens": count}
+    return _token_weighted(eval_step(state.params, state.rngs, frozen, batch) for batch in batches)
 
 
 def evaluate_model(model: nnx.Module, batches: Iterable[Batch], *,
@@ -338,9 +330,13 @@ def evaluate_model(model: nnx.Module, batches: Iterable[Batch], *,
         m = nnx.merge(graphdef, state)
         return masked_nll(forward(m, batch), batch["input_ids"], batch["loss_mask"])
 
+    return _token_weighted(nll(state, batch) for batch in batches)
+
+
+def _token_weighted(sums: Iterable[tuple[jax.Array, jax.Array]]) -> dict[str, float]:
+    """``{"loss", "perplexity", "tokens"}`` from per-batch ``(nll sum, target count)`` pairs."""
     total, count = 0.0, 0.0
-    for batch in batches:
-        s, c = nll(state, batch)
+    for s, c in sums:
         total += float(s)
         count += float(c)
     if count == 0:
