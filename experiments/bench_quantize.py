@@ -1,12 +1,24 @@
-"""Throughput of quantize and dequantize, side by side with a plain device copy.
+"""Throughput of quantize and dequantize (XLA path and single-pass Pallas kernels), side by side
+with a plain device copy.
 
-GB/s of float input (bf16 by default) for NF4, NF4+DQ and FP4 at block 64, on the default JAX
-device. Timing is device-side in effect: ``--reps`` calls are dispatched back to back and the
-clock stops once the last result is ready, so host dispatch overlaps device work; the copy
-baseline (``x * 1`` materialised by XLA) is timed the same way in the same run.
+TB/s of float input (bf16 by default: the bytes of the dense array, read by quantize, written by
+dequantize) for NF4, NF4+DQ and FP4 at block 64, on the default JAX device, and the ratio to the
+copy baseline (``x + z`` with an opaque zero ``z``: reads and writes every element once) timed
+the same way in the same run. Backends (``--backend``): "xla" (plain XLA), "pallas" (the kernels
+of `pallas_kernels.quantize`; compiled on a GPU, interpreted elsewhere, which is slow and only a
+smoke test), or "both" (xla and pallas; the default on a GPU; "xla" is the default elsewhere).
 
-    python experiments/bench_quantize.py                         # CPU here: small defaults
-    python experiments/bench_quantize.py --shape 8192 8192 --reps 50 --save   # GPU
+Timing (``--timing``): "loop" (default on a GPU) runs ``--reps`` calls inside one jitted
+``lax.fori_loop`` in which each call's input depends on the previous call's outputs (one input
+element is updated in place by adding ``0 *`` an output element, so XLA can neither hoist the call
+nor skip iterations) and the full outputs are carried (nothing is dead); the wall time of the
+whole loop over ``--reps`` is device time without dispatch. "dispatch" (default elsewhere) dispatches
+``--reps`` jitted calls back to back and stops the clock once the last result is ready.
+``--sweep`` also times the bare kernels (no double quant) over rows-per-program x num_warps.
+
+    python experiments/bench_quantize.py                                   # CPU here: XLA, small
+    python experiments/bench_quantize.py --shape 8192 8192 --reps 50 --save  # GPU: xla vs pallas
+    python experiments/bench_quantize.py --backend pallas --sweep           # GPU: tile sweep
 """
 
 from __future__ import annotations
@@ -17,31 +29,82 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import qlora_jax as qj
 
+FORMATS = (("nf4", False), ("nf4", True), ("fp4", False))
 
-def _time(fn, arg, reps: int) -> float:
-    """Median-free steady-state seconds a call: warm up, then reps calls dispatched back to back."""
-    jax.block_until_ready(fn(arg))
-    jax.block_until_ready(fn(arg))
+
+def _time_dispatch(fn: Callable, args: tuple, reps: int) -> float:
+    """Steady-state seconds a call: warm up, then reps calls dispatched back to back."""
+    jfn = jax.jit(fn)
+    jax.block_until_ready(jfn(*args))
+    jax.block_until_ready(jfn(*args))
     t = time.perf_counter()
     out = None
     for _ in range(reps):
-        out = fn(arg)
+        out = jfn(*args)
     jax.block_until_ready(out)
     return (time.perf_counter() - t) / reps
+
+
+def _time_loop(fn: Callable, args: tuple, reps: int) -> float:
+    """Device seconds a call: ``reps`` calls inside one jitted fori_loop (see the docstring)."""
+    out_shape = jax.eval_shape(fn, *args)
+
+    @jax.jit
+    def run(*a):
+        def body(i, carry):
+            a_prev, out_prev = carry
+            # A data dependency of this call on the previous one's outputs, through one element
+            # of the first input (set to itself plus 0 * an output element, in place), so that
+            # XLA can neither hoist the call out of the loop nor skip iterations. (An
+            # optimization_barrier is not enough: XLA forwards a loop-invariant operand.)
+            dep = jnp.ravel(jax.tree.leaves(out_prev)[0])[0].astype(jnp.float32) * 0
+            leaves, tree = jax.tree.flatten(a_prev)
+            at = (0,) * leaves[0].ndim
+            first = leaves[0]
+            leaves[0] = first.at[at].set((first[at].astype(jnp.float32) + dep).astype(first.dtype))
+            a_i = jax.tree.unflatten(tree, leaves)
+            return a_i, fn(*a_i)
+
+        init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), out_shape)
+        return jax.lax.fori_loop(0, reps, body, (a, init))[1]
+
+    jax.block_until_ready(run(*args))
+    t = time.perf_counter()
+    jax.block_until_ready(run(*args))
+    return (time.perf_counter() - t) / reps
+
+
+def _copy(x: jax.Array) -> jax.Array:
+    # ``x * 1`` or ``x + 0`` would be simplified away; an opaque zero keeps one read + one write
+    return x + jax.lax.optimization_barrier(jnp.zeros((), x.dtype))
+
+
+def _row(op: str, backend: str, fmt: str, seconds: float, in_bytes: int, t_copy: float,
+         **extra: Any) -> dict:
+    return dict(op=op, backend=backend, format=fmt, ms=seconds * 1e3, gb_s=in_bytes / seconds / 1e9,
+                tb_s=in_bytes / seconds / 1e12, frac_of_copy=t_copy / seconds, **extra)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", type=int, nargs=2, default=None, help="default 1024x1024 on CPU, 8192x8192 on GPU")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--backend", default=None, choices=["xla", "pallas", "both"],
+                   help="default: both on a GPU, xla elsewhere")
+    p.add_argument("--timing", default=None, choices=["loop", "dispatch"],
+                   help="default: loop on a GPU, dispatch elsewhere")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the bare Pallas kernels over rows-per-program x num_warps")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/bench_quantize_<device>_<date>.json")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -50,35 +113,49 @@ def main(argv: list[str] | None = None) -> dict:
     on_gpu = dev.platform == "gpu"
     shape = tuple(args.shape or ((8192, 8192) if on_gpu else (1024, 1024)))
     reps = args.reps or (50 if on_gpu else 5)
+    timing = args.timing or ("loop" if on_gpu else "dispatch")
+    timer = _time_loop if timing == "loop" else _time_dispatch
+    backend_arg = args.backend or ("both" if on_gpu else "xla")
+    backends = ("xla", "pallas") if backend_arg == "both" else (backend_arg,)
     dtype = jnp.dtype(args.dtype)
+    bs = args.block_size
     x = jax.random.normal(jax.random.key(0), shape, jnp.float32).astype(dtype)
     in_bytes = x.size * dtype.itemsize
 
-    copy = jax.jit(lambda a: a * jnp.asarray(1, a.dtype))
-    t_copy = _time(copy, x, reps)
-    rows = [dict(op="copy (x*1)", format="-", gb_s=in_bytes / t_copy / 1e9, ms=t_copy * 1e3, frac_of_copy=1.0)]
-    for fmt, dq in (("nf4", False), ("nf4", True), ("fp4", False)):
-        label = fmt + ("+dq" if dq else "")
-        qfn = jax.jit(lambda a, fmt=fmt, dq=dq: qj.quantize(a, fmt, 64, dq))
-        t_q = _time(qfn, x, reps)
-        q = qfn(x)
-        dfn = jax.jit(lambda q: qj.dequantize(q))
-        t_d = _time(dfn, q, reps)
-        rows.append(dict(op="quantize", format=label, gb_s=in_bytes / t_q / 1e9, ms=t_q * 1e3,
-                         frac_of_copy=t_copy / t_q))
-        rows.append(dict(op="dequantize", format=label, gb_s=in_bytes / t_d / 1e9, ms=t_d * 1e3,
-                         frac_of_copy=t_copy / t_d))
+    t_copy = timer(_copy, (x,), reps)
+    rows = [_row("copy (x+0)", "-", "-", t_copy, in_bytes, t_copy)]
+    for backend in backends:
+        if backend == "pallas" and dtype == jnp.float32:
+            print("pallas: float32 input is served by XLA only; skipped")
+            continue
+        label_b = backend + (" (interpret)" if backend == "pallas" and not on_gpu else "")
+        for fmt, dq in FORMATS:
+            label = fmt + ("+dq" if dq else "")
+            qfn = lambda a, fmt=fmt, dq=dq: qj.quantize(a, fmt, bs, dq, backend=backend)
+            t_q = timer(qfn, (x,), reps)
+            q = jax.jit(qfn)(x)
+            dfn = lambda q: qj.dequantize(q, backend=backend)
+            t_d = timer(dfn, (q,), reps)
+            rows.append(_row("quantize", label_b, label, t_q, in_bytes, t_copy))
+            rows.append(_row("dequantize", label_b, label, t_d, in_bytes, t_copy))
+
+    if args.sweep:
+        rows += _sweep(x, bs, timer, reps, in_bytes, t_copy, interpret=not on_gpu)
 
     print(f"device {dev.device_kind}, jax {jax.__version__}, input {shape} {dtype.name} "
-          f"({in_bytes / 2**20:.0f} MiB), {reps} reps")
-    print(f"{'op':<12}{'format':<9}{'ms':>10}{'GB/s':>10}{'x copy':>9}")
+          f"({in_bytes / 2**20:.0f} MiB), block {bs}, {reps} reps, timing {timing}; "
+          f"copy {in_bytes / t_copy / 1e12:.3f} TB/s of input "
+          f"({2 * in_bytes / t_copy / 1e12:.3f} TB/s moved)")
+    print(f"{'op':<18}{'backend':<20}{'format':<9}{'ms':>10}{'TB/s in':>10}{'x copy':>9}  config")
     for r in rows:
-        print(f"{r['op']:<12}{r['format']:<9}{r['ms']:>10.3f}{r['gb_s']:>10.1f}{r['frac_of_copy']:>9.2f}")
+        print(f"{r['op']:<18}{r['backend']:<20}{r['format']:<9}{r['ms']:>10.3f}{r['tb_s']:>10.4f}"
+              f"{r['frac_of_copy']:>9.2f}  {r.get('config', '')}")
 
-    result = dict(benchmark="bench_quantize", device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
-                  date=datetime.date.today().isoformat(), shape=list(shape), dtype=dtype.name, reps=reps,
-                  command="python experiments/bench_quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  rows=rows)
+    command = "python experiments/bench_quantize.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    result = dict(benchmark="bench_quantize", device=dev.device_kind, platform=dev.platform,
+                  jax=jax.__version__, date=datetime.date.today().isoformat(), shape=list(shape),
+                  dtype=dtype.name, block_size=bs, reps=reps, timing=timing,
+                  copy_tb_s=in_bytes / t_copy / 1e12, command=command, rows=rows)
     if args.save:
         os.makedirs(args.out, exist_ok=True)
         name = f"bench_quantize_{dev.platform}_{result['date']}.json"
@@ -86,6 +163,31 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(result, f, indent=2)
         print(f"wrote {os.path.join(args.out, name)}")
     return result
+
+
+def _sweep(x: jax.Array, bs: int, timer: Callable, reps: int, in_bytes: int, t_copy: float,
+           interpret: bool) -> list[dict]:
+    """The bare kernels (NF4, no double quant) over rows-per-program x num_warps."""
+    from pallas_kernels import quantize as pq
+
+    values = tuple(float(v) for v in qj.formats.get_format("nf4").values)
+    packed, absmax = pq.quantize_blocks_pallas(x, values, bs, interpret=interpret)
+    out = []
+    for elems in (2048, 4096, 8192, 16384, 32768):
+        rows = max(1, elems // bs)
+        for warps in (4, 8, 16):
+            cfg = dict(rows_per_program=rows, num_warps=warps, interpret=interpret)
+            config = f"rows={rows} ({rows * bs} elems) warps={warps}"
+            try:
+                t_q = timer(lambda a: pq.quantize_blocks_pallas(a, values, bs, **cfg), (x,), reps)
+                t_d = timer(lambda p_, a_: pq.dequantize_blocks_pallas(p_, a_, values, x.dtype, **cfg),
+                            (packed, absmax), reps)
+            except Exception as e:  # a configuration Triton cannot compile: report, go on
+                print(f"sweep {config}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            out.append(_row("quantize_kernel", "pallas", "nf4", t_q, in_bytes, t_copy, config=config))
+            out.append(_row("dequantize_kernel", "pallas", "nf4", t_d, in_bytes, t_copy, config=config))
+    return out
 
 
 if __name__ == "__main__":

@@ -37,6 +37,15 @@ Known divergences from bitsandbytes (documented, and tested to decode to the sam
   Python table does). Equal values, different sign bit.
 tests/test_bnb_exact.py checks all of these against the real library.
 
+Backends (``backend=`` of `quantize` and `dequantize`): "xla" is the plain XLA code below;
+"pallas" runs the single-pass kernels of `pallas_kernels.quantize` (bf16/f16 data whose size is a
+multiple of the block size; the same bytes and values bit for bit; compiled on a GPU, run in the
+Pallas interpreter elsewhere, which is for tests only); "auto" (default) takes the kernels for a
+concrete bf16/f16 array on one GPU device and XLA everywhere else, including under ``jax.jit``
+(where the placement, and a possible sharding, are unknown: pass ``backend="pallas"`` there to
+get the kernel). Double quantization of the block scales always runs in XLA. The kernels are
+imported lazily, so this module works without Pallas GPU support.
+
 Linear weights: a torch ``Linear.weight`` is ``[out, in]`` and a Flax kernel is ``[in, out]``.
 `quantize` always works in the element order of the array it is given; quantize
 ``kernel.T`` (see `quantize_linear_kernel`) to get the bytes bitsandbytes writes for that layer,
@@ -71,7 +80,11 @@ __all__ = [
     "Footprint",
     "is_quantized",
     "tree_path_str",
+    "BACKENDS",
 ]
+
+# Where `quantize` and `dequantize` run (see the module docstring).
+BACKENDS = ("auto", "xla", "pallas")
 
 
 @jax.tree_util.register_dataclass
@@ -338,9 +351,71 @@ def _exact_mean(x: jax.Array) -> jax.Array:
     return ((s + c) / n).astype(jnp.float32)
 
 
+def _pallas_quantize_module() -> Any:
+    """`pallas_kernels.quantize`, or None where it cannot be imported (no Pallas Triton support)."""
+    global _PALLAS_MODULE
+    if _PALLAS_MODULE is None:
+        try:
+            from pallas_kernels import quantize as module
+        except Exception:  # ImportError, or a jax whose Pallas lacks the Triton backend
+            module = False
+        _PALLAS_MODULE = module
+    return _PALLAS_MODULE or None
+
+
+_PALLAS_MODULE: Any = None
+
+
+def _placement(arrays: Iterable[Any]) -> tuple[str, bool]:
+    """(platform, placed): the platform of the first concrete jax.Array and whether it sits on
+    exactly one device; for tracers (under jit) the default backend and False."""
+    for a in arrays:
+        if isinstance(a, jax.Array) and not isinstance(a, jax.core.Tracer):
+            devices = a.devices()
+            return next(iter(devices)).platform, len(devices) == 1
+    return jax.default_backend(), False
+
+
+def _resolve_backend(backend: str, interpret: bool | None, arrays: Iterable[Any], dtype: Any,
+                     n: int, block_size: int, what: str) -> tuple[str, bool]:
+    """(backend "xla" | "pallas", interpret) for one `quantize` / `dequantize` call.
+
+    "auto" takes the kernels only for a concrete array on a single GPU device; "pallas" insists
+    (ValueError where the kernels cannot serve the call) and runs interpreted off GPU unless
+    ``interpret`` says otherwise.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    if backend == "xla":
+        return "xla", False
+    platform, placed = _placement(arrays)
+    if backend == "auto" and not (placed and platform == "gpu"):
+        return "xla", False   # (without importing the kernels)
+    module = _pallas_quantize_module()
+    servable = module is not None and module.supported(dtype, n, block_size)
+    if backend == "auto":
+        return ("pallas", False) if servable else ("xla", False)
+    if not servable:
+        why = ("pallas_kernels.quantize cannot be imported" if module is None else
+               f"the kernels need bf16/f16 data whose size is a multiple of block_size; got "
+               f"{jnp.dtype(dtype).name} of size {n} with block_size={block_size}")
+        raise ValueError(f"{what}: backend='pallas' was requested but {why}; use backend='auto' "
+                         "to fall back to XLA")
+    return "pallas", (platform != "gpu") if interpret is None else bool(interpret)
+
+
 def _quantize_flat(flat: jax.Array, fmt: _formats.Format, block_size: int,
-                   dq_block_size: int | None) -> tuple[tuple[jax.Array, ...], jax.Array]:
-    """Returns ((codes, absmax, absmax_scale, absmax_offset), all_finite)."""
+                   dq_block_size: int | None, backend: str = "xla",
+                   interpret: bool = False) -> tuple[tuple[jax.Array, ...], jax.Array]:
+    """Returns ((codes, absmax, absmax_scale, absmax_offset), all_finite).
+
+    ``backend`` is resolved already: "xla" or "pallas" (`_resolve_backend`)."""
+    if backend == "pallas":
+        packed, absmax = _pallas_quantize_module().quantize_blocks_pallas(
+            flat, tuple(float(v) for v in fmt.values), block_size, interpret=interpret)
+        # a block holding Inf/NaN gets a NaN scale in the kernel, as below
+        all_finite = jnp.logical_not(jnp.any(jnp.isnan(absmax)))
+        return _with_double_quant(packed, absmax, dq_block_size), all_finite
     flat = flat.astype(jnp.float32)
     n = flat.shape[0]
     blocks, absmax = _blockwise_absmax(flat, block_size)
@@ -355,14 +430,21 @@ def _quantize_flat(flat: jax.Array, fmt: _formats.Format, block_size: int,
     # encodes 0, i.e. the zero code, as in bitsandbytes.
     pairs = codes[: n + (n % 2)].reshape(-1, 2)
     packed = (pairs[:, 0] << 4) | pairs[:, 1]
+    return _with_double_quant(packed, absmax, dq_block_size), all_finite
+
+
+def _with_double_quant(packed: jax.Array, absmax: jax.Array,
+                       dq_block_size: int | None) -> tuple[jax.Array, ...]:
+    """(codes, absmax or its 8-bit codes, absmax_scale, absmax_offset) as stored."""
     if dq_block_size is None:
-        return (packed, absmax, None, None), all_finite
+        return packed, absmax, None, None
     qabs, scale, offset = double_quantize(absmax, dq_block_size)
-    return (packed, qabs, scale, offset), all_finite
+    return packed, qabs, scale, offset
 
 
 def quantize(x: jax.Array | np.ndarray, format: str = "nf4", block_size: int = 64,
-             double_quant: bool = True, dq_block_size: int = 256, *, name: str = "") -> QuantizedArray:
+             double_quant: bool = True, dq_block_size: int = 256, *, name: str = "",
+             backend: str = "auto", interpret: bool | None = None) -> QuantizedArray:
     """Quantizes an array blockwise to 4 bits.
 
     Args:
@@ -373,19 +455,27 @@ def quantize(x: jax.Array | np.ndarray, format: str = "nf4", block_size: int = 6
       double_quant: quantize the block scales to 8 bits (default True).
       dq_block_size: scales a second-level block (default 256).
       name: the leaf's path, used in error messages.
+      backend: "auto" (default), "xla" or "pallas" (see the module docstring); every backend
+        gives the same bytes.
+      interpret: with backend "pallas", run the kernel in the Pallas interpreter (default: exactly
+        when not on a GPU; for tests).
     Returns:
       A `QuantizedArray` on the same device as ``x``. It is jit-able; under ``jax.jit`` the
       non-finite check cannot raise, and a non-finite block yields a NaN/Inf scale instead.
     Raises:
-      TypeError for non-floating input; ValueError for empty or non-finite input or an
-      unsupported format/block size.
+      TypeError for non-floating input; ValueError for empty or non-finite input, an
+      unsupported format/block size, an unknown backend, or backend "pallas" where the kernels
+      cannot serve the call.
     """
     _check_input(x, name)
     _check_format_args(format, block_size, dq_block_size if double_quant else None, name)
     fmt = _formats.get_format(format)
     dq = dq_block_size if double_quant else None
     xj = x if isinstance(x, jax.Array) else jnp.asarray(x)
-    (codes, absmax, scale, offset), all_finite = _quantize_jit(xj.reshape(-1), fmt.name, block_size, dq)
+    use, interp = _resolve_backend(backend, interpret, (xj,), xj.dtype, math.prod(xj.shape),
+                                   block_size, "quantize")
+    (codes, absmax, scale, offset), all_finite = _quantize_jit(xj.reshape(-1), fmt.name, block_size, dq,
+                                                               use, interp)
     if not isinstance(all_finite, jax.core.Tracer) and not bool(all_finite):
         at = f" {name!r}" if name else ""
         raise ValueError(f"quantize: leaf{at} contains NaN or Inf; refusing to quantize non-finite values")
@@ -394,11 +484,11 @@ def quantize(x: jax.Array | np.ndarray, format: str = "nf4", block_size: int = 6
                           dq_block_size=dq)
 
 
-def _quantize_flat_by_name(flat, format, block_size, dq_block_size):
-    return _quantize_flat(flat, _formats.get_format(format), block_size, dq_block_size)
+def _quantize_flat_by_name(flat, format, block_size, dq_block_size, backend="xla", interpret=False):
+    return _quantize_flat(flat, _formats.get_format(format), block_size, dq_block_size, backend, interpret)
 
 
-_quantize_jit = jax.jit(_quantize_flat_by_name, static_argnums=(1, 2, 3))
+_quantize_jit = jax.jit(_quantize_flat_by_name, static_argnums=(1, 2, 3, 4, 5))
 
 
 def decode_absmax(q: QuantizedArray) -> jax.Array:
@@ -419,13 +509,17 @@ def _no_fma(x: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(x)
 
 
-def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
+def dequantize(q: QuantizedArray, dtype: Any = None, *, backend: str = "auto",
+               interpret: bool | None = None) -> jax.Array:
     """Decodes a `QuantizedArray` back to a dense array of its shape.
 
     Args:
       q: the quantized array.
       dtype: floating output dtype; defaults to the original dtype. Values are computed in
         float32 (``code_value * absmax``) and rounded once to ``dtype``.
+      backend: "auto" (default), "xla" or "pallas" (see the module docstring; the kernel serves
+        bf16/f16 outputs of whole blocks); every backend gives the same values bit for bit.
+      interpret: as in `quantize`.
     Returns:
       Array of shape ``q.shape`` and dtype ``dtype``.
     """
@@ -434,11 +528,18 @@ def dequantize(q: QuantizedArray, dtype: Any = None) -> jax.Array:
     dtype = jnp.dtype(q.dtype if dtype is None else dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dequantize: dtype {dtype} is not a floating-point dtype")
-    return _dequantize_jit(q, dtype.name)
+    use, interp = _resolve_backend(backend, interpret, q.arrays(), dtype, q.size, q.block_size,
+                                   "dequantize")
+    return _dequantize_jit(q, dtype.name, use, interp)
 
 
-def _dequantize_impl(q: QuantizedArray, dtype: str) -> jax.Array:
+def _dequantize_impl(q: QuantizedArray, dtype: str, backend: str = "xla",
+                     interpret: bool = False) -> jax.Array:
     fmt = _formats.get_format(q.format)
+    if backend == "pallas":
+        out = _pallas_quantize_module().dequantize_blocks_pallas(
+            q.codes, decode_absmax(q), tuple(float(v) for v in fmt.values), dtype, interpret=interpret)
+        return out.reshape(q.shape)
     hi = q.codes >> 4
     lo = q.codes & 0xF
     codes = jnp.stack([hi, lo], axis=-1).reshape(-1)[: q.size]
@@ -449,7 +550,7 @@ def _dequantize_impl(q: QuantizedArray, dtype: str) -> jax.Array:
     return vals.reshape(-1)[: q.size].reshape(q.shape).astype(dtype)
 
 
-_dequantize_jit = jax.jit(_dequantize_impl, static_argnums=(1,))
+_dequantize_jit = jax.jit(_dequantize_impl, static_argnums=(1, 2, 3))
 
 
 def quantize_linear_kernel(kernel: jax.Array, **kwargs: Any) -> QuantizedArray:

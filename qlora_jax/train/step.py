@@ -279,6 +279,10 @@ def make_train_step(graphdef: Any, optimizer: optax.GradientTransformation, *,
             state.params, state.rngs, frozen, batch)
         opt_state = state.opt_state
         if offload is not None:
+            # The barrier makes the host-to-device copy wait for the gradients: left free, XLA
+            # starts the copy at the top of the step, and the state then sits in device memory
+            # through the backward pass, whose peak it was offloaded to stay out of.
+            grads, opt_state = jax.lax.optimization_barrier((grads, opt_state))
             opt_state = jax.device_put(opt_state, offload[1])
         updates, opt_state = optimizer.update(grads, opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

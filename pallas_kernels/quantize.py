@@ -1,0 +1,484 @@
+"""Single-pass blockwise 4-bit quantize and dequantize of bf16/f16 arrays, in Pallas (GPU).
+
+What: `quantize_blocks_pallas` turns a bf16/f16 array into packed 4-bit codes and float32 block
+scales (absmax) in one pass over the input; `dequantize_blocks_pallas` turns them back into a
+bf16/f16 array in one pass. Both compute exactly what ``qlora_jax.quantize`` computes with plain
+XLA (the bytes bitsandbytes writes): per block ``absmax = max |x|``; ``x * (1 / absmax)`` with the
+correctly rounded float32 reciprocal (0 for an absmax below 2**-126); the code is the sorted rank
+``#{midpoints m : v > m}`` of the scaled value (ties go to the lower code) mapped back through
+the format's sort order; two codes a byte, the first element in the HIGH nibble. Decoding is
+``table[code] * absmax`` in float32, rounded once to the output dtype. Plain-jnp references sit
+beside the kernels (`quantize_blocks_reference`, `dequantize_blocks_reference`). This module does
+not import ``qlora_jax``: a format is its 16-value code table (or a name in
+`pallas_kernels._common.CODE_TABLES`); midpoints and sort order are derived here the same way as
+in ``qlora_jax.formats`` (the tests check they are equal).
+
+Layout. The plain XLA path makes several passes (absmax reduction, scale and encode, nibble
+interleave and pack). Here a program owns ``rows`` whole blocks and does all of it in registers,
+with no strided access: the 16-bit input is viewed as uint32 words (``bitcast_convert_type`` of
+``x.reshape(-1, 2)``, free in XLA), so word ``i`` holds element ``2i`` in its LOW 16 bits and
+element ``2i + 1`` in its HIGH 16 bits (little-endian; checked in the tests). A tile is
+``uint32 [rows, block_size / 2]``: its low halves are the even elements (high nibbles), its high
+halves the odd ones (low nibbles), so the packed byte is ``(code(lo) << 4) | code(hi)`` at the
+same ``[row, column]``, written as ``uint8 [rows, block_size / 2]``; absmax is ``float32 [rows]``.
+Dequantization mirrors it: ``uint8 [rows, block_size / 2]`` in, ``uint32`` words out whose low
+half is the value of the high nibble, bitcast back to ``bf16/f16 [n]`` by the wrapper.
+
+In-kernel details that keep the bytes equal to the XLA path:
+
+- absmax is an integer max over the 16-bit patterns with the sign bit cleared (monotone in the
+  value for non-NaN), so NaN cannot be dropped by a float max; a block whose max pattern is
+  Inf/NaN gets a NaN absmax (as in the XLA path); a block whose largest value is subnormal
+  (only possible for bf16) stores absmax 0, as XLA:CPU (which flushes denormals) does. XLA:GPU
+  may store that subnormal itself; the codes are the zero code either way.
+- The reciprocal is computed exactly with integer long division of ``2**47`` by the 24-bit
+  mantissa (three 8-bit steps in uint32), not with a float division (Triton's and XLA:GPU's
+  float32 division is approximate). Exact for ``absmax < 2**126``; at ``2**126`` it is
+  ``2**-126``, above that 0 (the XLA path's result there is an artefact of flushing; no weight
+  comes near 8.5e37).
+- No float add follows a multiply anywhere, so FMA contraction cannot change a result. The
+  ``[-1, 1]`` clip of the XLA path is left out: it cannot change a finite value's rank (every
+  midpoint lies strictly inside ``(-1, 1)``).
+- Codes of a block holding Inf/NaN are unspecified (its absmax is NaN, which marks it).
+- Float32 input stays on the XLA path: it has no free two-elements-per-word view.
+
+Why the Triton lowering of ``pl.pallas_call`` (with explicit ``CompilerParams``, see
+`pallas_kernels.nf4_matmul`): these are memory-bound elementwise-plus-row-reduction kernels that
+need no wgmma or TMA, only wide coalesced loads and stores and register math, which Triton
+generates; the same kernel body runs in CPU interpret mode for the tests, and the lowering is
+the same on jax 0.11.2 and 0.12.
+
+Tuning knobs are arguments: ``rows_per_program`` (default: a tile of ~8K elements, `default_rows`),
+``num_warps`` (default 8 for tiles of 8K elements or more, else 4), ``num_stages`` (1: no loop
+to pipeline).
+
+Not yet measured on GPU: the target is >= 40% of the device copy bandwidth in bf16 input bytes
+(the XLA path reaches 0.47-0.62 TB/s on an H100); run ``experiments/bench_quantize.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels import _common
+
+__all__ = [
+    "CodeTables",
+    "code_tables",
+    "supported",
+    "default_rows",
+    "quantize_blocks_pallas",
+    "dequantize_blocks_pallas",
+    "quantize_blocks_reference",
+    "dequantize_blocks_reference",
+    "INPUT_DTYPES",
+    "BLOCK_SIZES",
+    "MAX_ELEMENTS",
+]
+
+INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Word offsets inside the kernels are int32 (``row * block_size / 2 + column``); this keeps every
+# offset, including those of masked rows past the end, far below 2**31.
+MAX_ELEMENTS = 2**31
+_TILE_ELEMENTS = 8192
+
+# Bit pattern of +Inf of each 16-bit input format (a sign-cleared pattern >= it is Inf or NaN),
+# and the smallest normal bf16 pattern (below it a bf16 is zero or subnormal in float32 too).
+_INF_BITS = {"bfloat16": 0x7F80, "float16": 0x7C00}
+_BF16_MIN_NORMAL = 0x0080
+
+
+# --------------------------------------------------------------------------------------------
+# Formats
+
+
+@dataclasses.dataclass(frozen=True)
+class CodeTables:
+    """A 4-bit format as the kernels use it (hashable, so it can be a static argument).
+
+    Attributes:
+      values: the 16 float32 values, indexed by code.
+      midpoints: the 15 float32 midpoints between consecutive sorted values.
+      order: the 16 codes sorted by value (stable: of two equal values the smaller code first).
+    """
+
+    values: tuple[float, ...]
+    midpoints: tuple[float, ...]
+    order: tuple[int, ...]
+
+    @property
+    def sorted_is_identity(self) -> bool:
+        return self.order == tuple(range(16))
+
+
+@functools.lru_cache(maxsize=32)
+def _tables_from_values(values: tuple[float, ...]) -> CodeTables:
+    v = np.asarray(values, np.float32)
+    if v.shape != (16,) or not np.all(np.isfinite(v)):
+        raise ValueError(f"a code table must hold 16 finite values, got {values!r}")
+    order = np.argsort(v, kind="stable")
+    s = v[order]
+    mid = ((s[:-1] + s[1:]) / np.float32(2)).astype(np.float32)
+    return CodeTables(tuple(float(x) for x in v), tuple(float(x) for x in mid),
+                      tuple(int(i) for i in order))
+
+
+def code_tables(fmt: str | Sequence[float] | np.ndarray | CodeTables) -> CodeTables:
+    """`CodeTables` for a format name in `pallas_kernels._common.CODE_TABLES` or a table of 16
+    values (e.g. ``qlora_jax.formats.get_format("fp4").values``)."""
+    if isinstance(fmt, CodeTables):
+        return fmt
+    if isinstance(fmt, str):
+        if fmt not in _common.CODE_TABLES:
+            raise ValueError(f"unknown format {fmt!r}: pass its 16 code values instead "
+                             f"(names known here: {sorted(_common.CODE_TABLES)})")
+        fmt = _common.CODE_TABLES[fmt]
+    return _tables_from_values(tuple(float(x) for x in np.asarray(fmt, np.float32).reshape(-1)))
+
+
+def supported(dtype: Any, n: int, block_size: int) -> bool:
+    """Whether the kernels serve ``n`` elements of ``dtype`` in blocks of ``block_size``:
+    bf16/f16, ``block_size`` in `BLOCK_SIZES`, ``n`` a positive multiple of it below
+    `MAX_ELEMENTS`. (The platform is the caller's business: compiled on GPU, interpreted elsewhere.)"""
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        return False
+    return (dt in INPUT_DTYPES and block_size in BLOCK_SIZES and 0 < n < MAX_ELEMENTS
+            and n % block_size == 0)
+
+
+def default_rows(block_size: int, n_blocks: int | None = None) -> int:
+    """Blocks a program: a tile of ~8K elements, at most the next power of two of ``n_blocks``."""
+    rows = max(1, _TILE_ELEMENTS // block_size)
+    if n_blocks is not None:
+        rows = min(rows, 1 << max(0, (n_blocks - 1).bit_length()))
+    return rows
+
+
+def _check_launch(rows: int, num_warps: int, num_stages: int) -> None:
+    if not isinstance(rows, (int, np.integer)) or rows < 1 or rows & (rows - 1):
+        raise ValueError(f"rows_per_program must be a power of two >= 1, got {rows!r}")
+    if num_warps not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"num_warps must be a power of two in 1..32, got {num_warps!r}")
+    if not isinstance(num_stages, (int, np.integer)) or num_stages < 1:
+        raise ValueError(f"num_stages must be a positive int, got {num_stages!r}")
+
+
+def _default_warps(rows: int, block_size: int) -> int:
+    return 8 if rows * block_size >= 8192 else 4
+
+
+# --------------------------------------------------------------------------------------------
+# Kernel-side helpers
+
+
+def _select_tree(bits: Sequence[jax.Array], leaves: Sequence[Any]) -> jax.Array:
+    """``leaves[i]`` where ``i`` is the integer whose binary digits, most significant first, are
+    the bools ``bits``: a tree of ``len(leaves) - 1`` two-way selects on constants (no gather)."""
+    level = list(leaves)
+    for b in reversed(bits):
+        level = [jnp.where(b, level[2 * j + 1], level[2 * j]) for j in range(len(level) // 2)]
+    return level[0]
+
+
+def _encode(scaled: jax.Array, tables: CodeTables) -> jax.Array:
+    """int32 code of float32 scaled values: the sorted rank ``#{m : v > m}`` among the 15
+    midpoints (a value on a midpoint goes lower), mapped to the code holding that value.
+
+    The rank is found by binary search with 4 compares: bit ``k`` of the rank is
+    ``v > midpoints[r + 2**k - 1]``, where ``r`` is the rank with only its bits above ``k`` (found
+    already) set; the threshold is picked by a select tree on constants (1 + 3 + 7 selects), so
+    ~22 operations instead of 15 compares and 15 adds. Exact for any non-decreasing midpoints
+    (FP4's two zeros give the midpoint 0 between equal values)."""
+    mids = [np.float32(m) for m in tables.midpoints]
+    bits: list[jax.Array] = []
+    for k in (3, 2, 1, 0):
+        # thresholds for every value of the bits found so far (most significant first)
+        leaves = [mids[(r << (k + 1)) + (1 << k) - 1] for r in range(1 << len(bits))]
+        bits.append(scaled > _select_tree(bits, leaves))
+    if tables.sorted_is_identity:
+        rank = jnp.where(bits[0], np.int32(8), np.int32(0))
+        for k, b in zip((4, 2, 1), bits[1:]):
+            rank = rank | jnp.where(b, np.int32(k), np.int32(0))
+        return rank
+    return _select_tree(bits, [np.int32(c) for c in tables.order])
+
+
+def _exact_reciprocal(a: jax.Array) -> jax.Array:
+    """Correctly rounded float32 ``1 / a`` for float32 ``a`` in [2**-126, 2**126] (normal), by
+    integer arithmetic only: ``1/a = (2**47 / am) * 2**(103 - ea)`` with ``am`` the 24-bit mantissa
+    and ``ea`` the biased exponent; the quotient is formed by long division in three 8-bit steps
+    (every partial remainder times 2**8 fits in uint32) and rounded to nearest (a tie cannot
+    occur: ``am * (2q + 1) = 2**48`` has no solution with ``am > 2**23``). ``a`` above 2**126
+    gives 0 (the true result would be subnormal)."""
+    bits = jax.lax.bitcast_convert_type(a, jnp.uint32)
+    ea = (bits >> 23) & 0xFF
+    am = (bits & 0x7FFFFF) | 0x800000
+    q1 = jax.lax.div(jnp.uint32(1 << 31), am)          # < 2**8 for am > 2**23
+    r = jnp.uint32(1 << 31) - q1 * am
+    q2 = jax.lax.div(r << 8, am)
+    r = (r << 8) - q2 * am
+    q3 = jax.lax.div(r << 8, am)
+    r = (r << 8) - q3 * am
+    q = (q1 << 16) | (q2 << 8) | q3                    # floor(2**47 / am), in [2**23, 2**24)
+    q = q + (r + r > am).astype(jnp.uint32)            # round to nearest (stays < 2**24)
+    general = ((253 - ea) << 23) | (q & 0x7FFFFF)      # ea <= 252: a normal result
+    pow2 = (254 - ea) << 23                            # am == 2**23: 1/a = 2**(127 - (ea - 127))
+    is_pow2 = am == 0x800000
+    out = jnp.where(is_pow2, pow2, general)
+    ok = jnp.where(is_pow2, ea <= 253, ea <= 252)
+    return jnp.where(ok, jax.lax.bitcast_convert_type(out, jnp.float32), jnp.float32(0))
+
+
+def _halves_to_f32(w: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
+    """float32 values of the low (even element) and high (odd element) halves of uint32 words."""
+    if dtype == "bfloat16":
+        return (jax.lax.bitcast_convert_type(w << 16, jnp.float32),
+                jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32))
+    return tuple(jax.lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+                 for h in (w & 0xFFFF, w >> 16))
+
+
+def _pattern_to_f32(bits: jax.Array, dtype: str) -> jax.Array:
+    """float32 value of non-negative 16-bit patterns held in int32."""
+    u = bits.astype(jnp.uint32)
+    if dtype == "bfloat16":
+        return jax.lax.bitcast_convert_type(u << 16, jnp.float32)
+    return jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
+
+
+def _block_scales(amax_bits: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
+    """(absmax float32 [r], inverse scale float32 [r]) from the max |x| bit patterns of blocks."""
+    absmax = _pattern_to_f32(amax_bits, dtype)
+    if dtype == "bfloat16":
+        # a subnormal max: 0, as XLA:CPU's flushing max stores it (the codes do not change)
+        absmax = jnp.where(amax_bits < _BF16_MIN_NORMAL, jnp.float32(0), absmax)
+    absmax = jnp.where(amax_bits >= _INF_BITS[dtype], jnp.float32(jnp.nan), absmax)
+    normal = absmax >= np.float32(2.0 ** -126)   # False for 0 and NaN
+    inv = jnp.where(normal, _exact_reciprocal(jnp.where(normal, absmax, jnp.float32(1))), jnp.float32(0))
+    return absmax, inv
+
+
+def _row_mask(r0: jax.Array, rows: int, n_blocks: int) -> jax.Array | None:
+    if n_blocks % rows == 0:
+        return None
+    return r0 + jnp.arange(rows, dtype=jnp.int32) < n_blocks
+
+
+def _load(ref: Any, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return ref[...]
+    return pltriton.load(ref, mask=mask if ref.shape == mask.shape else mask[:, None], other=0)
+
+
+def _store(ref: Any, value: jax.Array, mask: jax.Array | None) -> None:
+    if mask is None:
+        ref[...] = value
+    else:
+        pltriton.store(ref, value, mask=mask if value.ndim == 1 else mask[:, None])
+
+
+# --------------------------------------------------------------------------------------------
+# Quantize
+
+
+def _quantize_kernel(w_ref, *refs, tables: CodeTables, dtype: str, rows: int, n_blocks: int):
+    packed_ref, absmax_ref = refs[-2:]   # any refs before them are aliased output buffers
+    half = w_ref.shape[1]
+    r0 = pl.program_id(0) * rows
+    mask = _row_mask(r0, rows, n_blocks)
+    w = _load(w_ref.at[pl.ds(r0, rows), pl.ds(0, half)], mask)                  # uint32 [rows, half]
+    # max |x| per block as an integer max of the sign-cleared 16-bit patterns of both halves
+    mag = jnp.maximum(w & 0x7FFF, (w >> 16) & 0x7FFF).astype(jnp.int32)
+    absmax, inv = _block_scales(jnp.max(mag, axis=1), dtype)
+    even, odd = _halves_to_f32(w, dtype)
+    code_even = _encode(even * inv[:, None], tables)
+    code_odd = _encode(odd * inv[:, None], tables)
+    packed = ((code_even << 4) | code_odd).astype(jnp.uint8)
+    _store(packed_ref.at[pl.ds(r0, rows), pl.ds(0, half)], packed, mask)
+    _store(absmax_ref.at[pl.ds(r0, rows)], absmax, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("tables", "block_size", "rows", "num_warps",
+                                             "num_stages", "interpret"))
+def _quantize_call(x: jax.Array, init: tuple[jax.Array, jax.Array] | None = None, *,
+                   tables: CodeTables, block_size: int, rows: int, num_warps: int,
+                   num_stages: int, interpret: bool):
+    """The launch. ``init`` (tests): buffers (uint8 [nb, bs/2], float32 [nb]) the outputs start
+    from (aliased), so that an element the kernel never writes keeps a known pattern."""
+    n = x.size
+    nb, half = n // block_size, block_size // 2
+    words = jax.lax.bitcast_convert_type(x.reshape(-1, 2), jnp.uint32).reshape(nb, half)
+    kernel = functools.partial(_quantize_kernel, tables=tables, dtype=jnp.dtype(x.dtype).name,
+                               rows=rows, n_blocks=nb)
+    out_shape = (jax.ShapeDtypeStruct((nb, half), jnp.uint8), jax.ShapeDtypeStruct((nb,), jnp.float32))
+    args, aliases = [words], {}
+    if init is not None:
+        args += [init[0].reshape(nb, half), init[1].reshape(nb)]
+        aliases = {1: 0, 2: 1}
+    packed, absmax = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(nb, rows),),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_common.compiler_params(num_warps, num_stages),
+        name="quantize_blocks",
+    )(*args)
+    return packed.reshape(-1), absmax
+
+
+def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray | CodeTables,
+                           block_size: int, *, rows_per_program: int | None = None,
+                           num_warps: int | None = None, num_stages: int = 1,
+                           interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Blockwise 4-bit quantization of a bf16/f16 array in one pass.
+
+    Args:
+      x: bfloat16 or float16 array of any shape, ``x.size`` a multiple of ``block_size``;
+        blocks are consecutive elements in row-major order.
+      fmt: the format: a name in `pallas_kernels._common.CODE_TABLES` ("nf4"), 16 code values,
+        or `CodeTables`.
+      block_size: elements a block, a power of two in 32..4096.
+      rows_per_program: blocks a program (power of two; default `default_rows`).
+      num_warps, num_stages: Triton launch parameters (default warps: 8 for tiles of 8K
+        elements or more, else 4).
+      interpret: run in the Pallas interpreter (CPU tests).
+    Returns:
+      (packed uint8 [x.size // 2], first element of each pair in the high nibble;
+       absmax float32 [x.size // block_size], NaN for a block holding Inf/NaN).
+    """
+    tables = code_tables(fmt)
+    if not supported(x.dtype, x.size, block_size):
+        raise ValueError(f"quantize_blocks_pallas needs a bf16/f16 array whose size is a positive "
+                         f"multiple of block_size in {BLOCK_SIZES} (below {MAX_ELEMENTS}); got "
+                         f"{x.dtype} of size {x.size} with block_size={block_size}")
+    nb = x.size // block_size
+    rows = default_rows(block_size, nb) if rows_per_program is None else rows_per_program
+    warps = _default_warps(rows, block_size) if num_warps is None else num_warps
+    _check_launch(rows, warps, num_stages)
+    return _quantize_call(x, tables=tables, block_size=int(block_size), rows=int(rows),
+                          num_warps=int(warps), num_stages=int(num_stages), interpret=bool(interpret))
+
+
+# --------------------------------------------------------------------------------------------
+# Dequantize
+
+
+def _dequantize_kernel(p_ref, a_ref, *refs, values: tuple[float, ...], dtype: str, rows: int,
+                       n_blocks: int):
+    o_ref = refs[-1]   # a ref before it is an aliased output buffer
+    half = p_ref.shape[1]
+    r0 = pl.program_id(0) * rows
+    mask = _row_mask(r0, rows, n_blocks)
+    b = _load(p_ref.at[pl.ds(r0, rows), pl.ds(0, half)], mask).astype(jnp.int32)   # [rows, half]
+    scale = _load(a_ref.at[pl.ds(r0, rows)], mask)[:, None]                          # [rows, 1]
+    out_dtype = jnp.dtype(dtype)
+
+    def bits(codes):
+        v = (_common.select_lut(codes, values) * scale).astype(out_dtype)
+        return jax.lax.bitcast_convert_type(v, jnp.uint16).astype(jnp.uint32)
+
+    words = bits(b >> 4) | (bits(b & 0xF) << 16)
+    _store(o_ref.at[pl.ds(r0, rows), pl.ds(0, half)], words, mask)
+
+
+@functools.partial(jax.jit, static_argnames=("values", "dtype", "rows", "num_warps", "num_stages",
+                                             "interpret"))
+def _dequantize_call(packed: jax.Array, absmax: jax.Array, init: jax.Array | None = None, *,
+                     values: tuple[float, ...], dtype: str, rows: int, num_warps: int,
+                     num_stages: int, interpret: bool):
+    """The launch. ``init`` (tests): a uint32 [nb, bs/2] buffer the output starts from (aliased)."""
+    nb = absmax.size
+    half = packed.size // nb
+    kernel = functools.partial(_dequantize_kernel, values=values, dtype=dtype, rows=rows, n_blocks=nb)
+    args, aliases = [packed.reshape(nb, half), absmax.reshape(nb).astype(jnp.float32)], {}
+    if init is not None:
+        args.append(init.reshape(nb, half))
+        aliases = {2: 0}
+    words = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((nb, half), jnp.uint32),
+        grid=(pl.cdiv(nb, rows),),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_common.compiler_params(num_warps, num_stages),
+        name="dequantize_blocks",
+    )(*args)
+    return jax.lax.bitcast_convert_type(words, jnp.dtype(dtype)).reshape(-1)
+
+
+def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
+                             fmt: str | Sequence[float] | np.ndarray | CodeTables,
+                             out_dtype: Any = jnp.bfloat16, *, rows_per_program: int | None = None,
+                             num_warps: int | None = None, num_stages: int = 1,
+                             interpret: bool = False) -> jax.Array:
+    """Decodes packed 4-bit codes with float32 block scales to bf16/f16 in one pass.
+
+    Args:
+      packed: uint8, ``n_blocks * block_size / 2`` bytes (any shape, e.g. ``[n_blocks,
+        block_size / 2]`` or flat), first element of each pair in the high nibble.
+      absmax: float32 [n_blocks] first-level scales (decode double quantization beforehand).
+      fmt: the format (as in `quantize_blocks_pallas`).
+      out_dtype: bfloat16 or float16.
+      rows_per_program, num_warps, num_stages, interpret: as in `quantize_blocks_pallas`.
+    Returns:
+      ``out_dtype [n_blocks * block_size]``: ``table[code] * absmax`` in float32, rounded once.
+    """
+    tables = code_tables(fmt)
+    out_dtype = jnp.dtype(out_dtype)
+    if packed.dtype != jnp.uint8:
+        raise TypeError(f"packed must be uint8, got {packed.dtype}")
+    if absmax.dtype != jnp.float32:
+        raise TypeError(f"absmax must be float32 (decode double quantization first), got {absmax.dtype}")
+    nb = absmax.size
+    block_size = 2 * packed.size // nb if nb else 0
+    if (nb == 0 or block_size * nb != 2 * packed.size
+            or not supported(out_dtype, nb * block_size, block_size)):
+        raise ValueError(f"dequantize_blocks_pallas needs bf16/f16 output and packed.size = "
+                         f"n_blocks * block_size / 2 with block_size in {BLOCK_SIZES}; got "
+                         f"{out_dtype}, {packed.size} bytes for {nb} blocks")
+    rows = default_rows(block_size, nb) if rows_per_program is None else rows_per_program
+    warps = _default_warps(rows, block_size) if num_warps is None else num_warps
+    _check_launch(rows, warps, num_stages)
+    return _dequantize_call(packed, absmax, values=tables.values, dtype=out_dtype.name, rows=int(rows),
+                            num_warps=int(warps), num_stages=int(num_stages), interpret=bool(interpret))
+
+
+# --------------------------------------------------------------------------------------------
+# Plain-jnp references (XLA), the definitions the kernels meet
+
+
+def quantize_blocks_reference(x: jax.Array, fmt: str | Sequence[float] | np.ndarray | CodeTables,
+                              block_size: int) -> tuple[jax.Array, jax.Array]:
+    """`quantize_blocks_pallas` in plain jnp: float32 upcast, float max, exact reciprocal."""
+    tables = code_tables(fmt)
+    blocks = x.astype(jnp.float32).reshape(-1, block_size)
+    finite = jnp.all(jnp.isfinite(blocks), axis=1)
+    absmax = jnp.where(finite, jnp.max(jnp.abs(blocks), axis=1), jnp.float32(jnp.nan))
+    normal = absmax >= np.float32(2.0 ** -126)
+    inv = jnp.where(normal, _exact_reciprocal(jnp.where(normal, absmax, jnp.float32(1))), jnp.float32(0))
+    codes = _encode(blocks * inv[:, None], tables).reshape(-1, 2)
+    return ((codes[:, 0] << 4) | codes[:, 1]).astype(jnp.uint8), absmax
+
+
+def dequantize_blocks_reference(packed: jax.Array, absmax: jax.Array,
+                                fmt: str | Sequence[float] | np.ndarray | CodeTables,
+                                out_dtype: Any = jnp.bfloat16) -> jax.Array:
+    """`dequantize_blocks_pallas` in plain jnp (a gather on the code table)."""
+    tables = code_tables(fmt)
+    b = packed.reshape(-1)
+    codes = jnp.stack([b >> 4, b & 0xF], axis=-1).reshape(absmax.size, -1).astype(jnp.int32)
+    vals = jnp.asarray(np.asarray(tables.values, np.float32))[codes] * absmax.reshape(-1, 1)
+    return vals.astype(out_dtype).reshape(-1)
