@@ -38,6 +38,30 @@ sequences: 1.3 MB a token on the device for 70B under "full"). ``offload_dots`` 
 projection output to host memory instead of recomputing it (XLA's CPU plan counts ~50 GiB of them
 for one 1×1024 step of 70B).
 
+Several devices: ``--mesh data=2`` (or ``fsdp=2``, ``data=1,fsdp=2``; the syntax of
+``experiments/finetune.py --mesh``, `qlora_jax.sharding.parse_mesh`) runs the step with
+`qlora_jax.sharding` (``shard_training`` + ``make_sharded_train_step``: batch rows split over
+``data`` × ``fsdp``; with ``fsdp`` the 4-bit bases, adapters and optimizer state are split too and
+the bases are all-gathered as 4-bit codes). ``--batch`` is then the GLOBAL batch (rows per step over
+all devices; each data/fsdp shard gets ``batch / (data·fsdp)`` rows) and ``tok_s`` the global tokens/s;
+the row adds ``devices``, ``mesh``, ``batch_per_device``, ``tok_s_per_device`` and
+``peak_gib_per_device`` (``peak_gib`` is then the largest; device 0's includes building the model,
+which happens there before it is split); ``plan_gib`` is one device's plan of the partitioned
+program; MFU is against ``devices`` × the one-device ceiling. A mesh smaller than the machine takes
+the first devices (``--mesh data=1``: one device through the same sharded step). Under a mesh of
+several devices the 4-bit matmuls take the XLA path (no Pallas kernels).
+
+``--scaling`` measures parallel scaling in one call: for each shape it runs ``--mesh data=1`` with
+``batch / (data·fsdp)`` rows and then ``--mesh`` with ``batch`` rows, each in its own process (the
+same per-device batch), and writes both rows plus ``scaling`` entries (``ratio`` = tokens/s on the
+mesh / on one device, ``efficiency`` = ratio / devices) to the JSON::
+
+    python experiments/bench_train.py --shapes tinyllama-1.1b --mesh data=2 --batch 8 --scaling
+    python experiments/bench_train.py --shapes llama2-7b --mesh fsdp=2 --batch 2 --scaling --backend xla
+
+(``--backend xla`` keeps the one-device run on the same matmul path as the mesh run.) The same by
+hand: ``--mesh data=1 --batch 4`` and then ``--mesh data=2 --batch 8``.
+
 Several shapes run one process each (``--isolate``, the default for more than one), so that each
 shape's peak memory is its own. The PyTorch anchor (`benchmarks/torch_anchor_train.py`) writes
 ``benchmarks/results/torch_anchor_train_<device>_<date>.json``; the newest such file for the same
@@ -85,7 +109,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--shapes", default=DEFAULT_SHAPES, help=f"comma-separated, from {sorted(SHAPES)}")
     p.add_argument("--steps", type=int, default=5, help="timed steps (after one warm-up step)")
-    p.add_argument("--batch", type=int, default=None, help="rows per step (default: the shape's)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="rows per step (default: the shape's); with --mesh the GLOBAL batch over all devices")
     p.add_argument("--seq", type=int, default=None, help="tokens per row (default: the shape's)")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha")
@@ -115,6 +140,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--search-step", type=int, default=512, help="bisection stops at this resolution")
     p.add_argument("--search-budget", type=float, default=420.0,
                    help="seconds: no new search trial starts after this (keeps a device call in its limit)")
+    p.add_argument("--mesh", default=None,
+                   help="run data-parallel / FSDP on a device mesh, e.g. 'data=2', 'fsdp=2', 'data=1,fsdp=2' "
+                        "(qlora_jax.sharding.parse_mesh; a mesh smaller than the machine takes the first devices); "
+                        "--batch is then the global batch")
+    p.add_argument("--scaling", action="store_true",
+                   help="with --mesh: run each shape on one device (--mesh data=1, batch / (data*fsdp) rows) and on "
+                        "the mesh (batch rows), in separate processes, and report the tokens/s ratio")
     p.add_argument("--compile-only", action="store_true",
                    help="no arrays: build the model abstractly, compile the step, report XLA's memory plan")
     p.add_argument("--mem-fraction", type=float, default=None,
@@ -133,6 +165,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"unknown shape(s) {unknown}; choose from {sorted(SHAPES)}")
     if a.remat == "offload_inputs" and a.layout != "stacked":
         p.error("--remat offload_inputs needs --layout stacked (it is a policy of the stacked layer scan)")
+    a.mesh_sizes = None
+    if a.mesh is not None:
+        from qlora_jax.sharding import parse_mesh
+
+        try:
+            a.mesh_sizes = parse_mesh(a.mesh)
+        except ValueError as e:
+            p.error(f"--mesh: {e}")
+    if a.scaling:
+        if a.mesh_sizes is None:
+            p.error("--scaling needs --mesh (the multi-device run to compare with one device)")
+        if any(v < 1 for v in a.mesh_sizes.values()):
+            p.error("--scaling needs explicit mesh sizes (no -1)")
+        if a.compile_only:
+            p.error("--scaling times steps; it does not combine with --compile-only")
     for flag, ok in (("--steps", a.steps >= 1), ("--r", a.r >= 1), ("--lr", a.lr > 0),
                      ("--batch", a.batch is None or a.batch >= 1), ("--seq", a.seq is None or a.seq >= 2),
                      ("--search-step", a.search_step >= 1),
@@ -218,11 +265,11 @@ def _err(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
 
 
-def _peak_gib() -> float | None:
+def _peak_gib(device: Any = None) -> float | None:
     import jax
 
     try:
-        stats = jax.devices()[0].memory_stats()
+        stats = (jax.devices()[0] if device is None else device).memory_stats()
     except Exception:  # noqa: BLE001 - backends without the API
         return None
     return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
@@ -358,6 +405,21 @@ def _batch(vocab: int, batch: int, seq: int, seed: int, abstract: bool = False,
     return {"input_ids": jnp.asarray(ids), "loss_mask": jnp.ones((batch, seq), jnp.int32)}
 
 
+def make_bench_mesh(spec: str):
+    """The mesh of ``--mesh``: `qlora_jax.sharding.make_mesh` over all devices, or over the first
+    ``prod(sizes)`` devices when the sizes (none -1) ask for fewer (``data=1``: one device)."""
+    import jax
+
+    from qlora_jax import sharding as qs
+
+    sizes = qs.parse_mesh(spec)
+    devices = jax.devices()
+    n = math.prod(sizes.values())
+    if -1 not in sizes.values() and n < len(devices):
+        devices = devices[:n]
+    return qs.make_mesh(sizes, devices=devices)
+
+
 def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> dict[str, Any]:
     """Builds, compiles and times one shape; returns its row (and search rows under ``search``).
     ``progress(row)`` is called with the partial row after the timed run and each search trial."""
@@ -365,11 +427,13 @@ def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> di
     import jax.numpy as jnp
     from flax import nnx
 
+    from qlora_jax import sharding as qs
     from qlora_jax import train as qt
 
     spec = SHAPES[name]
     hf = spec["hf"]
     batch, seq = args.batch or spec["batch"], args.seq or spec["seq"]
+    mesh = make_bench_mesh(args.mesh) if getattr(args, "mesh", None) else None
     cd = {"auto": jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16,
           "bfloat16": jnp.bfloat16, "float32": jnp.float32}[args.compute_dtype]
     row: dict[str, Any] = {"shape": name, "batch": batch, "seq": seq, "layers": hf["num_hidden_layers"],
@@ -378,6 +442,16 @@ def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> di
                            "compute_dtype": jnp.dtype(cd).name, "real_weights": bool(spec.get("real")),
                            "data": "lee news text" if spec.get("real") else "random ids", "backend": args.backend,
                            "compile_only": args.compile_only}
+    if mesh is not None:
+        sizes = qs.mesh_sizes(mesh)
+        n_rows = sizes["data"] * sizes["fsdp"]
+        if batch % n_rows:
+            raise ValueError(f"--batch {batch} (the global batch) is not a multiple of data x fsdp = {n_rows} "
+                             f"of mesh {sizes}")
+        row.update(mesh=sizes, mesh_spec=args.mesh, devices=int(mesh.devices.size), batch_per_device=batch // n_rows)
+        if row["devices"] > 1:
+            row["backend_used"] = "xla (mesh: no Pallas kernels)"
+        print(f"  mesh {sizes} over {row['devices']} device(s), global batch {batch}", flush=True)
     attn = None if args.compile_only else _attention_impl(args.attn, hf, batch, seq, cd)
     row["attention"] = attn or "xla"
     tx = qt.make_optimizer(args.lr, max_grad_norm=0.3)
@@ -385,26 +459,49 @@ def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> di
 
     t = time.perf_counter()
     model = build_model(name, args, cd, attn, abstract=args.compile_only)
+    shardings = None
     if args.compile_only:
         graphdef, state, frozen = _abstract_setup(model, tx)
-        offload = qt.offload_shardings(state.opt_state, qt.OffloadConfig(args.offload_optimizer))
+        if mesh is None:
+            offload = qt.offload_shardings(state.opt_state, qt.OffloadConfig(args.offload_optimizer))
+        else:  # the rules read shapes only; offload keeps each leaf's partitioning
+            shardings = qs.train_shardings(state, frozen, tx, mesh)
+            placed = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  state.opt_state, shardings.state.opt_state)
+            offload = qt.offload_shardings(placed, qt.OffloadConfig(args.offload_optimizer))
     else:
         jax.block_until_ready(jax.tree.leaves(nnx.state(model)))
-        graphdef, state, frozen, offload = qt.init_train_state(
-            model, tx, offload=qt.OffloadConfig(optimizer_state=args.offload_optimizer))
+        if mesh is None:
+            graphdef, state, frozen, offload = qt.init_train_state(
+                model, tx, offload=qt.OffloadConfig(optimizer_state=args.offload_optimizer))
+        else:  # built on the first device, then split over the mesh
+            graphdef, state, frozen, _ = qt.init_train_state(model, tx)
+            run = qs.shard_training(state, frozen, tx, mesh,
+                                    offload=qt.OffloadConfig(optimizer_state=args.offload_optimizer))
+            state, frozen, offload, shardings = run.state, run.frozen, run.offload, run.shardings
+            del run
         row["build_peak_gib"] = _peak_gib()
     del model
     row["build_s"] = time.perf_counter() - t
     row["frozen_gib"] = qt.tree_bytes(frozen) / 2**30
+    if mesh is not None and not args.compile_only:
+        row["frozen_gib_per_device"] = max(qs.bytes_per_device(frozen).values()) / 2**30
     row["lora_params"] = int(sum(math.prod(x.shape) for x in jax.tree.leaves(state.params)))
     row["opt_state_gib"] = qt.tree_bytes(state.opt_state) / 2**30
     row["offloaded"] = offload is not None
     fl = flops_per_token(hf, seq, args.r, lora_params=row["lora_params"], remat=args.remat)
     row["flops_per_token"] = fl["model"]
     row["hw_flops_per_token"] = fl["hardware"]
-    step_fn = qt.make_train_step(graphdef, tx, offload=offload, forward=forward)
+    if mesh is None:
+        step_fn = qt.make_train_step(graphdef, tx, offload=offload, forward=forward)
+        place_batch = None
+    else:
+        step_fn = qs.make_sharded_train_step(graphdef, tx, shardings, offload=offload, forward=forward)
+        place_batch = lambda b: qs.shard_batch(b, mesh)  # noqa: E731
 
     b = _batch(hf["vocab_size"], batch, seq, args.seed, abstract=args.compile_only, text=bool(spec.get("real")))
+    if place_batch is not None and not args.compile_only:
+        b = place_batch(b)
     t = time.perf_counter()
     compiled = step_fn.lower(state, frozen, b).compile()
     row["compile_s"] = time.perf_counter() - t
@@ -431,32 +528,42 @@ def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> di
     row["step_ms"] = dt / args.steps * 1e3
     row["tok_s"] = batch * seq * args.steps / dt
     row["peak_gib"] = _peak_gib()
+    if mesh is not None:
+        row["tok_s_per_device"] = row["tok_s"] / row["devices"]
+        peaks = [_peak_gib(d) for d in mesh.devices.flat]
+        row["peak_gib_per_device"] = peaks
+        row["peak_gib"] = max(peaks) if all(p is not None for p in peaks) else None
 
     if args.max_seq_search:
         if progress is not None:
             progress(row)
         # Each trial starts from a host copy of the state (a failed step may have consumed its
         # donated input); the device copy goes now so that it does not occupy memory the trials need.
-        host_state, shardings = jax.device_get(state), jax.tree.map(lambda x: x.sharding, state)
+        host_state, state_shardings = jax.device_get(state), jax.tree.map(lambda x: x.sharding, state)
         del state, m
-        row["search"] = max_seq_search(step_fn, host_state, shardings, frozen, hf, batch, seq, args,
-                                       progress=None if progress is None else (lambda t: progress({**row, "search": t})))
+        row["search"] = max_seq_search(step_fn, host_state, state_shardings, frozen, hf, batch, seq, args,
+                                       progress=None if progress is None else (lambda t: progress({**row, "search": t})),
+                                       place_batch=place_batch)
         fits = [s for s in row["search"] if s["fits"] and s.get("seq")]
         if fits:
             best = max(fits, key=lambda s: s["seq"])
             row["max_seq"], row["max_seq_tok_s"] = best["seq"], best.get("tok_s")
         row["peak_after_search_gib"] = _peak_gib()
+        if mesh is not None:
+            row["peak_after_search_gib"] = max((_peak_gib(d) or 0.0) for d in mesh.devices.flat) or None
     return row
 
 
 def max_seq_search(step_fn: Any, host_state: Any, shardings: Any, frozen: Any, hf: dict[str, Any], batch: int,
-                   seq: int, args: argparse.Namespace, progress: Any = None) -> list[dict[str, Any]]:
+                   seq: int, args: argparse.Namespace, progress: Any = None,
+                   place_batch: Any = None) -> list[dict[str, Any]]:
     """Longest sequence whose step compiles and runs: from ``seq`` (known to fit), doubling from
     ``--search-start`` (default ``2·seq``) until one fails (out of memory, caught) or passes
     ``--search-max``, then bisection to ``--search-step``; no trial starts after
     ``--search-budget`` seconds. Each trial puts ``host_state`` (the train state in host memory)
     back on the device with ``shardings`` and runs one step, then a second, timed one if the first
-    took under 20 s (else the first's time, autotuning included, gives ``tok_s``).
+    took under 20 s (else the first's time, autotuning included, gives ``tok_s``). ``place_batch``
+    puts each trial's batch on the mesh (None: one device).
     Returns one record a trial: ``{"seq", "fits", "tok_s" | "oom"/"error", "trial_s"}``."""
     import jax
 
@@ -468,6 +575,8 @@ def max_seq_search(step_fn: Any, host_state: Any, shardings: Any, frozen: Any, h
         try:
             st = jax.device_put(host_state, shardings)
             b = _batch(hf["vocab_size"], batch, T, args.seed)
+            if place_batch is not None:
+                b = place_batch(b)
             compiled = step_fn.lower(st, frozen, b).compile()
             t = time.perf_counter()
             st, m = compiled(st, frozen, b)
@@ -558,6 +667,8 @@ def attach_anchor(rows: list[dict[str, Any]], anchor: dict[str, Any] | None, cei
         return
     by = {(a.get("shape"), a.get("batch"), a.get("seq")): a for a in anchor.get("rows", [])}
     for r in rows:
+        if r.get("devices", 1) > 1:  # the anchor runs on one device
+            continue
         a = by.get((r["shape"], r["batch"], r["seq"])) or by.get((r["shape"].replace("-random", ""), r["batch"], r["seq"]))
         if not a or not a.get("tok_s"):
             continue
@@ -572,11 +683,13 @@ def attach_anchor(rows: list[dict[str, Any]], anchor: dict[str, Any] | None, cei
 
 
 def add_mfu(rows: list[dict[str, Any]], ceiling: float | None) -> None:
+    """MFU / HFU against the one-device ceiling times the row's ``devices`` (1 without a mesh)."""
     for r in rows:
         if ceiling and r.get("tok_s"):
+            total = ceiling * r.get("devices", 1)
             r["tflop_s"] = r["tok_s"] * r["flops_per_token"] / 1e12
-            r["mfu"] = r["tflop_s"] / ceiling
-            r["hfu"] = r["tok_s"] * r["hw_flops_per_token"] / 1e12 / ceiling
+            r["mfu"] = r["tflop_s"] / total
+            r["hfu"] = r["tok_s"] * r["hw_flops_per_token"] / 1e12 / total
 
 
 def _fmt(v: Any, spec: str) -> str:
@@ -585,7 +698,16 @@ def _fmt(v: Any, spec: str) -> str:
     return format(v, spec) if isinstance(v, (int, float)) else str(v)
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
+def _mesh_str(m: Any) -> str | None:
+    return None if not m else ",".join(f"{k}={v}" for k, v in m.items() if v != 1 or k == "data") or "data=1"
+
+
+def print_table(rows: list[dict[str, Any]], scaling: list[dict[str, Any]] | None = None) -> None:
+    """The rows as a table (with mesh columns when a row ran on a mesh), then the search and
+    ``--scaling`` summaries."""
+    rows = [{**r, "mesh_str": _mesh_str(r.get("mesh")),
+             "peaks_str": "/".join(_fmt(p, ".2f") for p in r["peak_gib_per_device"])
+             if any(p is not None for p in r.get("peak_gib_per_device") or ()) else None} for r in rows]
     cols = [("shape", "shape", "s"), ("batch", "B", "d"), ("seq", "T", "d"), ("tok_s", "tok/s", ",.0f"),
             ("step_ms", "step ms", ".1f"), ("peak_gib", "peak GiB", ".2f"), ("plan_gib", "plan GiB", ".2f"),
             ("mfu", "MFU", ".1%"), ("compile_s", "compile s", ".1f"), ("build_s", "build s", ".1f"),
@@ -594,11 +716,16 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             ("speedup_vs_anchor", "speedup", ".2f")]
     if not any("anchor_tok_s" in r for r in rows):
         cols = cols[:-3]
+    if any(r.get("mesh") for r in rows):
+        cols[1:1] = [("mesh_str", "mesh", "s"), ("devices", "devices", "d")]
+        cols.insert(cols.index(("peak_gib", "peak GiB", ".2f")) + 1, ("peaks_str", "peak GiB per device", "s"))
     table = [[h for _, h, _ in cols]]
+    keys = [k for k, _, _ in cols]
     for r in rows:
         if "error" in r:
-            table.append([r["shape"], str(r.get("batch", "")), str(r.get("seq", "")), "ERROR: " + r["error"][:60]]
-                         + [""] * (len(cols) - 4))
+            head = keys.index("seq") + 1
+            table.append([_fmt(r.get(k), s) if r.get(k) is not None else "" for k, _, s in cols[:head]]
+                         + ["ERROR: " + r["error"][:60]] + [""] * (len(cols) - head - 1))
             continue
         table.append([_fmt(r.get(k), s) for k, _, s in cols])
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
@@ -610,6 +737,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         if r.get("search"):
             print(f"{r['shape']}: longest sequence that trains = {r.get('max_seq', 'none')} "
                   f"(tried {[s['seq'] for s in r['search']]})")
+    for sc in scaling or []:
+        if sc.get("ratio") is None:
+            print(f"{sc['shape']}: scaling not measured ({sc.get('error', 'a run failed')})")
+            continue
+        print(f"{sc['shape']}: {sc['batch_per_device']} rows a device: 1 device {sc['tok_s_1']:,.0f} tok/s, "
+              f"{sc['devices']} devices ({sc['mesh_spec']}) {sc['tok_s_n']:,.0f} tok/s: ratio {sc['ratio']:.2f}, "
+              f"efficiency {sc['efficiency']:.0%}")
 
 
 def plot(rows: list[dict[str, Any]], png: str, title: str) -> None:
@@ -669,29 +803,74 @@ def _strip(argv: list[str], flags: tuple[str, ...]) -> list[str]:
     return out
 
 
+def _run_child(base: list[str], shape: str, label: str) -> dict[str, Any] | None:
+    """Runs this script on ``shape`` in a child process with the options ``base``; its result (or
+    None if it wrote none)."""
+    with tempfile.TemporaryDirectory() as d:
+        out = os.path.join(d, "child.json")
+        cmd = [sys.executable, os.path.abspath(__file__), *base, "--shapes", shape, "--child-json", out]
+        print(f"== {label} (own process)", flush=True)
+        p = subprocess.run(cmd)
+        if not os.path.exists(out):
+            return {"rows": [{"shape": shape, "error": f"child process failed (rc={p.returncode})"}]}
+        with open(out) as fh:
+            return json.load(fh)
+
+
+def _merge_child(result: dict[str, Any], child: dict[str, Any], ceilings: list[Any]) -> list[dict[str, Any]]:
+    rows = child.pop("rows")
+    result["rows"].extend(rows)
+    ceilings.append(child.get("ceiling_tflop_s"))
+    result.update({k: v for k, v in child.items() if k not in result})
+    got = [c for c in ceilings if c]
+    result["ceiling_tflop_s"] = statistics.median(got) if got else None
+    result["isolated"] = True
+    return rows
+
+
 def run_isolated(argv: list[str], shapes: list[str], save: Any) -> dict[str, Any]:
     """Runs each shape in its own process (its own peak memory); ``save(result)`` after each one."""
     result: dict[str, Any] = {"rows": []}
-    ceilings = []
+    ceilings: list[Any] = []
     base = _strip(argv, ("--shapes", "--out", "--plot", "--child-json")) + ["--no-isolate"]
     for s in shapes:
-        with tempfile.TemporaryDirectory() as d:
-            out = os.path.join(d, "child.json")
-            cmd = [sys.executable, os.path.abspath(__file__), *base, "--shapes", s, "--child-json", out]
-            print(f"== {s} (own process)", flush=True)
-            p = subprocess.run(cmd)
-            if not os.path.exists(out):
-                result["rows"].append({"shape": s, "error": f"child process failed (rc={p.returncode})"})
-            else:
-                with open(out) as fh:
-                    child = json.load(fh)
-                result["rows"].extend(child.pop("rows"))
-                ceilings.append(child.get("ceiling_tflop_s"))
-                result.update({k: v for k, v in child.items() if k not in result})
-        got = [c for c in ceilings if c]
-        result["ceiling_tflop_s"] = statistics.median(got) if got else None
-        result["isolated"] = True
+        _merge_child(result, _run_child(base, s, s), ceilings)
         save(result, final=s == shapes[-1])
+    return result
+
+
+def run_scaling(argv: list[str], args: argparse.Namespace, save: Any) -> dict[str, Any]:
+    """``--scaling``: per shape, one process on one device (``--mesh data=1``, ``batch / (data·fsdp)``
+    rows) and one on ``--mesh`` (``batch`` rows, the global batch): the same rows a device. Adds
+    ``result["scaling"]``: ``{shape, devices, mesh_spec, batch_per_device, tok_s_1, tok_s_n, ratio,
+    efficiency}`` (ratio = tok_s_n / tok_s_1, efficiency = ratio / devices)."""
+    result: dict[str, Any] = {"rows": [], "scaling": []}
+    ceilings: list[Any] = []
+    base = [a for a in _strip(argv, ("--shapes", "--out", "--plot", "--child-json", "--mesh", "--batch"))
+            if a != "--scaling"] + ["--no-isolate"]
+    sizes = args.mesh_sizes
+    n_rows, n_dev = sizes.get("data", 1) * sizes.get("fsdp", 1), math.prod(sizes.values())
+    for s in args.shape_list:
+        batch = args.batch or SHAPES[s]["batch"]
+        entry: dict[str, Any] = {"shape": s, "devices": n_dev, "mesh_spec": args.mesh, "batch": batch,
+                                 "batch_per_device": batch / n_rows, "tok_s_1": None, "tok_s_n": None, "ratio": None}
+        if batch % n_rows:
+            entry["error"] = f"batch {batch} is not a multiple of data x fsdp = {n_rows}"
+            result["rows"].append({"shape": s, "batch": batch, "error": entry["error"]})
+        else:
+            entry["batch_per_device"] = batch // n_rows
+            for key, mesh, rows_ in (("tok_s_1", "data=1", batch // n_rows), ("tok_s_n", args.mesh, batch)):
+                child = _run_child([*base, "--mesh", mesh, "--batch", str(rows_)], s, f"{s} on --mesh {mesh}")
+                for r in _merge_child(result, child, ceilings):
+                    r["scaling_run"] = "1 device" if key == "tok_s_1" else f"{n_dev} devices"
+                    entry[key] = r.get("tok_s")
+                    if r.get("error"):
+                        entry["error"] = r["error"]
+            if entry["tok_s_1"] and entry["tok_s_n"]:
+                entry["ratio"] = entry["tok_s_n"] / entry["tok_s_1"]
+                entry["efficiency"] = entry["ratio"] / n_dev
+        result["scaling"].append(entry)
+        save(result, final=s == args.shape_list[-1])
     return result
 
 
@@ -707,6 +886,8 @@ def run_here(args: argparse.Namespace, save: Any) -> dict[str, Any]:
         "device": dev.device_kind, "platform": jax.default_backend(), "jax": jax.__version__,
         "flax": flax.__version__, "optax": optax.__version__, "python": platform.python_version(),
         "mem_fraction": args.mem_fraction, "ceiling_tflop_s": None, "rows": []}
+    if args.mesh:
+        result.update(mesh_spec=args.mesh, device_count=jax.device_count())
     rows = result["rows"]
 
     def progress(row: dict[str, Any]) -> None:  # partial results survive a timeout
@@ -779,7 +960,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             json.dump(full, fh, indent=1)
         if final:
             print()
-            print_table(rows)
+            print_table(rows, full.get("scaling"))
             png = args.plot or os.path.splitext(out)[0] + ".png"
             try:
                 plot(rows, png, f"QLoRA train step on {full.get('device')} ({today})")
@@ -789,7 +970,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"wrote {out}" + (f" and {png}" if full.get("plot") else ""))
         out_holder["result"] = full
 
-    if isolate and args.child_json is None:
+    if args.scaling and args.child_json is None:
+        run_scaling(argv, args, save)
+    elif isolate and args.child_json is None:
         run_isolated(argv, args.shape_list, save)
     else:
         run_here(args, save)

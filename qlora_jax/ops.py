@@ -27,25 +27,138 @@ The contract this module expects of `pallas_kernels` (any of it missing means "n
 ``supports(m, k, n, w, *, compute_dtype, transposed) -> bool``,
 ``dequant_matmul(x[M, K], w, *, compute_dtype) -> [M, N]`` (``x·deq(W)ᵀ``) and
 ``dequant_matmul_t(dy[M, N], w, *, compute_dtype) -> [M, K]`` (``dy·deq(W)``).
+
+Meshes: when the weight's matmul is traced for a device mesh of several devices (inside `on_mesh`,
+which `qlora_jax.sharding.make_sharded_train_step` enters; under ``jax.set_mesh``; or with the
+weight's codes placed on such a mesh), the packed fields of a `QuantizedArray` are constrained to
+their decode layout (`qlora_jax.sharding.gathered_spec`: the ``fsdp`` split undone, a ``tensor``
+split kept) *before* they are decoded, right after the optimization barrier. So the collective
+that FSDP needs moves the uint8 codes and the small scales, not the decoded weight (4x the bytes
+in bfloat16, 8x in float32), and every layer's gather stays next to its matmul (forward and
+backward each gather again; nothing decoded lives across the step). Under such a mesh the XLA
+path is always taken: a Pallas kernel is an opaque custom call to XLA's SPMD partitioner.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import functools
 import math
+import warnings
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 
 from qlora_jax.quantize import QuantizedArray, dequantize
 
-__all__ = ["quant_matmul", "qlora_matmul", "qlora_matmul_multi", "BACKENDS"]
+__all__ = ["quant_matmul", "qlora_matmul", "qlora_matmul_multi", "on_mesh", "BACKENDS"]
 
 BACKENDS = ("auto", "xla", "pallas")
 
 Weight = QuantizedArray | jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Meshes
+
+_MESH: contextvars.ContextVar[Any] = contextvars.ContextVar("qlora_jax_ops_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh: Any):
+    """Within this context, QLoRA matmuls are traced for ``mesh`` (a ``jax.sharding.Mesh`` with the
+    axes of `qlora_jax.sharding`): each 4-bit weight is gathered as packed codes and scales right
+    before it is decoded, and the XLA path is used (see the module docstring). Enter it around the
+    *tracing* of a jitted function whose inputs are placed on ``mesh``;
+    `qlora_jax.sharding.make_sharded_train_step` does. ``None`` (or a one-device mesh) turns it off.
+    """
+    token = _MESH.set(mesh)
+    try:
+        yield mesh
+    finally:
+        _MESH.reset(token)
+
+
+def _mesh_size(mesh: Any) -> int:
+    return math.prod(int(s) for s in dict(mesh.shape).values())
+
+
+def _context_mesh() -> Any:
+    """The mesh set by ``jax.set_mesh`` (an ``AbstractMesh`` during tracing), or None."""
+    get = getattr(jax.sharding, "get_abstract_mesh", None)
+    try:
+        mesh = get() if get is not None else None
+    except Exception:  # noqa: BLE001 - an API that differs between JAX versions
+        return None
+    return None if mesh is None or getattr(mesh, "empty", False) else mesh
+
+
+def _placed_mesh(w: Any) -> Any:
+    """The mesh that the codes of ``w`` are placed on, as recorded in their abstract value (JAX
+    versions whose avals carry a sharding), or None."""
+    if not isinstance(w, QuantizedArray):
+        return None
+    try:
+        return jax.typeof(w.codes).sharding.mesh
+    except Exception:  # noqa: BLE001 - no sharding in the aval (older JAX), or not an array
+        return None
+
+
+def _active_mesh(w: Weight) -> Any:
+    """The mesh of several devices that the matmul of ``w`` is traced for, or None: `on_mesh`'s,
+    else ``jax.set_mesh``'s, else the one ``w``'s codes are placed on."""
+    for get in (_MESH.get, _context_mesh, lambda: _placed_mesh(w)):
+        mesh = get()
+        if mesh is not None and _mesh_size(mesh) > 1:
+            return mesh
+    return None
+
+
+def _gathered(w: Weight, mesh: Any) -> Weight:
+    """``w`` constrained to the layout it is decoded in on ``mesh`` (`qlora_jax.sharding.gathered_spec`):
+    an ``fsdp`` split of the codes and scales is undone here, so XLA all-gathers the packed bytes
+    rather than the decoded weight. The identity without a mesh, for a dense weight, and on a
+    mesh whose axis names are not the library's."""
+    if mesh is None or not isinstance(w, QuantizedArray):
+        return w
+    from qlora_jax import sharding  # noqa: PLC0415 - sharding imports the models, which import this module
+
+    sizes = {str(n): int(s) for n, s in dict(mesh.shape).items()}
+    if not set(sizes) <= set(sharding.AXES):
+        return w
+    spec = sharding.gathered_spec(w, sizes)
+
+    def fix(x: Any, p: Any) -> Any:
+        return None if x is None else jax.lax.with_sharding_constraint(x, NamedSharding(mesh, p))
+
+    return dataclasses.replace(w, codes=fix(w.codes, spec.codes), absmax=fix(w.absmax, spec.absmax),
+                               absmax_scale=fix(w.absmax_scale, spec.absmax_scale),
+                               absmax_offset=fix(w.absmax_offset, spec.absmax_offset))
+
+
+def _gathered_lora(a: jax.Array, b: jax.Array, mesh: Any) -> tuple[jax.Array, jax.Array]:
+    """The adapters ``A [K, r]``, ``B [r, N]`` constrained to their use layout on ``mesh``: not split
+    over ``fsdp`` (``B`` keeps a ``tensor`` split of ``N``, `qlora_jax.sharding.dense_spec` without
+    ``fsdp``), as FSDP gathers every parameter before use. Left to itself, XLA may keep ``A`` split
+    along ``K`` inside a scan over stacked layers and split the activations' hidden dimension to
+    match, all-gathering activations instead of the (small) adapters."""
+    if mesh is None:
+        return a, b
+    from qlora_jax import sharding  # noqa: PLC0415 - see _gathered
+
+    sizes = {str(n): int(s) for n, s in dict(mesh.shape).items()}
+    if not set(sizes) <= set(sharding.AXES):
+        return a, b
+    sizes.pop("fsdp", None)
+    spec_a = sharding.dense_spec(a.shape, sizes, path="lora_a", min_shard_size=0)
+    spec_b = sharding.dense_spec(b.shape, sizes, path="lora_b", min_shard_size=0)
+    return (jax.lax.with_sharding_constraint(a, NamedSharding(mesh, spec_a)),
+            jax.lax.with_sharding_constraint(b, NamedSharding(mesh, spec_b)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -116,27 +229,38 @@ def _dense(w: Weight, dtype: Any) -> jax.Array:
     return w.astype(dtype)
 
 
-def _base_matmul(x: jax.Array, w: Weight, cd: Any, backend: str) -> jax.Array:
-    """``x[M, K] · deq(W)ᵀ -> [M, N]`` float32; ``backend`` is already resolved by `_dispatch`."""
+def _base_matmul(x: jax.Array, w: Weight, cd: Any, backend: str, mesh: Any = None) -> jax.Array:
+    """``x[M, K] · deq(W)ᵀ -> [M, N]`` float32; ``backend`` is already resolved by `_dispatch`;
+    ``mesh``: see `_gathered`."""
     if backend == "pallas":
         return _pallas_module().dequant_matmul(x, w, compute_dtype=jnp.dtype(cd)).astype(jnp.float32)
-    return jax.lax.dot_general(x, _dense(_after(w, x), cd), (((1,), (1,)), ((), ())),
+    return jax.lax.dot_general(x, _dense(_gathered(_after(w, x), mesh), cd), (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
 
-def _base_matmul_t(dy: jax.Array, w: Weight, cd: Any, backend: str) -> jax.Array:
+def _base_matmul_t(dy: jax.Array, w: Weight, cd: Any, backend: str, mesh: Any = None) -> jax.Array:
     """``dy[M, N] · deq(W) -> [M, K]`` float32 (the input gradient of the base layer)."""
     if backend == "pallas":
         return _pallas_module().dequant_matmul_t(dy, w, compute_dtype=jnp.dtype(cd)).astype(jnp.float32)
-    return jax.lax.dot_general(dy, _dense(_after(w, dy), cd), (((1,), (0,)), ((), ())),
+    return jax.lax.dot_general(dy, _dense(_gathered(_after(w, dy), mesh), cd), (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
 
-def _resolve(backend: str, m: int, w: Weight, cd: Any) -> tuple[str, str]:
-    """(forward, input-gradient) backends for an ``[m, K] x [N, K]ᵀ`` product."""
+def _resolve(backend: str, m: int, w: Weight, cd: Any) -> tuple[str, str, Any]:
+    """The static plan of an ``[m, K] x [N, K]ᵀ`` product: (forward backend, input-gradient
+    backend, mesh or None). Under a mesh of several devices (`_active_mesh`) both backends are
+    "xla" (a Pallas call is opaque to XLA's SPMD partitioner). The mesh is part of the plan, i.e.
+    of the static arguments of the jitted entry points, so a trace made for one mesh is never
+    reused for another (or for none)."""
+    mesh = _active_mesh(w)
+    if mesh is not None:
+        if backend == "pallas":
+            warnings.warn("backend='pallas' under a device mesh of several devices: using the XLA path "
+                          "(a Pallas kernel cannot be partitioned by XLA)", stacklevel=3)
+        return "xla", "xla", mesh
     n, k = w.shape
     return (_dispatch(backend, m, k, n, w, cd, transposed=False),
-            _dispatch(backend, m, k, n, w, cd, transposed=True))
+            _dispatch(backend, m, k, n, w, cd, transposed=True), None)
 
 
 def _after(w: Weight, v: jax.Array) -> Weight:
@@ -165,17 +289,17 @@ def _mm_tn(a: jax.Array, b: jax.Array, cd: Any) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _quant_linear(x: jax.Array, w: Weight, cd: Any, out_dtype: Any, backends: tuple[str, str]) -> jax.Array:
-    return _base_matmul(x, w, cd, backends[0]).astype(out_dtype)
+def _quant_linear(x: jax.Array, w: Weight, cd: Any, out_dtype: Any, plan: tuple[str, str, Any]) -> jax.Array:
+    return _base_matmul(x, w, cd, plan[0], plan[2]).astype(out_dtype)
 
 
-def _quant_linear_fwd(x, w, cd, out_dtype, backends):
+def _quant_linear_fwd(x, w, cd, out_dtype, plan):
     # Only the packed weight is saved: the backward decodes it again.
-    return _quant_linear(x, w, cd, out_dtype, backends), w
+    return _quant_linear(x, w, cd, out_dtype, plan), w
 
 
-def _quant_linear_bwd(cd, out_dtype, backends, w, dy):
-    return _base_matmul_t(dy.astype(cd), w, cd, backends[1]).astype(cd), None
+def _quant_linear_bwd(cd, out_dtype, plan, w, dy):
+    return _base_matmul_t(dy.astype(cd), w, cd, plan[1], plan[2]).astype(cd), None
 
 
 _quant_linear.defvjp(_quant_linear_fwd, _quant_linear_bwd)
@@ -242,17 +366,18 @@ def _apply_dropout(v: jax.Array, mask: jax.Array, rate: float) -> jax.Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
-def _qlora(x, w, a, b, scale, bias, key, rate, cd, backends):
-    y, _ = _qlora_fwd(x, w, a, b, scale, bias, key, rate, cd, backends)
+def _qlora(x, w, a, b, scale, bias, key, rate, cd, plan):
+    y, _ = _qlora_fwd(x, w, a, b, scale, bias, key, rate, cd, plan)
     return y
 
 
-def _qlora_fwd(x, w, a, b, scale, bias, key, rate, cd, backends):
+def _qlora_fwd(x, w, a, b, scale, bias, key, rate, cd, plan):
     xd = _apply_dropout(x, _dropout_mask(key, rate, x.shape), rate) if rate > 0 else x
-    y = _base_matmul(x, w, cd, backends[0])
+    y = _base_matmul(x, w, cd, plan[0], plan[2])
+    ag, bg = _gathered_lora(a, b, plan[2])
     # The scale is applied on the r-wide projection (cheaper than on the N-wide output).
-    u = (_mm(xd, a, cd) * scale).astype(cd)
-    y = y + _mm(u, b, cd)
+    u = (_mm(xd, ag, cd) * scale).astype(cd)
+    y = y + _mm(u, bg, cd)
     if bias is not None:
         y = y + bias.astype(jnp.float32)
     # Residuals: drop(x), u = scale·drop(x)·A, A, B, the packed weight, scale, the dropout key.
@@ -260,9 +385,10 @@ def _qlora_fwd(x, w, a, b, scale, bias, key, rate, cd, backends):
     return y.astype(cd), res
 
 
-def _qlora_bwd(rate, cd, backends, res, dy):
+def _qlora_bwd(rate, cd, plan, res, dy):
     xd, u, a, b, w, scale, key, bias_tag = res
-    dx = _base_matmul_t(dy, w, cd, backends[1])
+    dx = _base_matmul_t(dy, w, cd, plan[1], plan[2])
+    a, b = _gathered_lora(a, b, plan[2])   # the residuals are the (sharded) parameters themselves
     g_u = jax.lax.dot_general(dy, b.astype(cd), (((1,), (1,)), ((), ())),
                               preferred_element_type=jnp.float32)        # [M, r]
     g_xa = g_u * scale
@@ -390,11 +516,11 @@ def qlora_matmul_multi(x: jax.Array, w_q: Weight, lora_a: jax.Array, lora_b: jax
     return y.reshape(*x.shape[:-1], n)
 
 
-def _multi(x3, w, lora_a, lora_b, scales, ids, bias, cd, backends):
+def _multi(x3, w, lora_a, lora_b, scales, ids, bias, cd, plan):
     k = x3.shape[-1]
     n_ad = lora_a.shape[0]
     x3 = x3.astype(cd)
-    y = _quant_linear(x3.reshape(-1, k), w, cd, jnp.dtype(jnp.float32), backends)   # [B*M, N] f32
+    y = _quant_linear(x3.reshape(-1, k), w, cd, jnp.dtype(jnp.float32), plan)   # [B*M, N] f32
     valid = (ids >= 0) & (ids < n_ad)
     safe = jnp.where(valid, ids, 0)
     row_scale = jnp.where(valid, scales[safe], 0.0)                        # [B]

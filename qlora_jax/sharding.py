@@ -9,10 +9,15 @@ The mesh has up to three named axes (`AXES`)::
 
 The batch is split over ``("data", "fsdp")`` along its first (row) axis. XLA inserts every
 collective (all-gathers of the sharded bases before use, reduce-scatters of the gradients);
-there is no hand-written communication. The same program runs on one host with several devices
-or on several hosts after ``jax.distributed.initialize()``: with several processes, placement
-goes through ``jax.make_array_from_callback`` / ``jax.make_array_from_process_local_data``, which
-each process calls for its own devices (one process uses ``jax.device_put``).
+there is no hand-written communication. A 4-bit base is gathered as its packed codes and
+scales, not decoded: `make_sharded_train_step` traces the step inside `qlora_jax.ops.on_mesh`,
+under which each matmul constrains its weight's fields to `gathered_spec` (the ``fsdp`` split
+undone) right before decoding them, so the all-gather moves uint8 codes (1/4 of the bytes of
+the bfloat16 weight, 1/8 of float32) next to the layer that uses them; its adapters are
+gathered there too. The same program runs on one host with several devices or on several
+hosts after ``jax.distributed.initialize()``: with several processes, placement goes through
+``jax.make_array_from_callback`` / ``jax.make_array_from_process_local_data``, which each
+process calls for its own devices (one process uses ``jax.device_put``).
 
 The rules read shapes and paths only, so they also run on an abstract state (``nnx.eval_shape``)
 before anything is materialised. Dropout masks drawn with JAX's default (partitionable
@@ -31,7 +36,8 @@ Rules (see `partition_specs`):
   replicated entirely. ``k`` is the product of the ``tensor`` and ``fsdp`` sizes, falling back to
   ``fsdp`` alone, then ``tensor`` alone. For a base ``W [N, K]`` (blocks along ``K``) a
   contiguous range of the flat array is a range of output rows when ``N % k == 0``, which is
-  what tensor parallelism splits.
+  what tensor parallelism splits. Stacked leaves (`qlora_jax.models.build.stack_layers`:
+  fields with a leading ``[num_layers]`` axis) are split the same way along their last axis.
 - Dense leaves (adapters, embeddings, norms, unquantized kernels) with at least
   ``min_shard_size`` elements are split over ``fsdp`` along their largest dimension that
   ``fsdp`` divides; smaller or indivisible leaves are replicated. With a ``tensor`` axis, LoRA
@@ -67,13 +73,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from qlora_jax import ops
 from qlora_jax.quantize import QuantizedArray, is_quantized, tree_path_str
 from qlora_jax.train.optim import OffloadConfig, offload_shardings, to_memory
 from qlora_jax.train.step import TrainState, make_train_step
 
 __all__ = [
     "AXES", "BATCH_AXES", "DEFAULT_MIN_SHARD_SIZE", "TrainShardings", "ShardedTraining",
-    "parse_mesh", "make_mesh", "mesh_sizes", "quantized_spec", "dense_spec", "partition_specs",
+    "parse_mesh", "make_mesh", "mesh_sizes", "quantized_spec", "gathered_spec", "dense_spec", "partition_specs",
     "tree_shardings", "opt_state_shardings", "train_shardings", "batch_sharding", "place",
     "replicate", "shard_batch", "check_batch", "shard_training", "make_sharded_train_step", "to_host",
     "bytes_per_device",
@@ -189,23 +196,54 @@ def quantized_spec(q: QuantizedArray, sizes: Mapping[str, int]) -> QuantizedArra
     of ``dq_block_size``, replicated otherwise; ``absmax_offset`` is replicated. With no fitting
     axes every field is replicated (``P()``).
 
+    A stacked leaf (fields ``[num_layers, ...]``, `qlora_jax.models.build.stack_layers`; the
+    metadata describes one layer) gets the same split on its last axis, ``None`` before it.
+
     Args:
       q: the quantized leaf (only its shapes are read).
       sizes: ``{axis: size}``, e.g. `mesh_sizes` of the mesh.
     """
     _check_axis_names(sizes)
     whole_blocks = q.size % q.block_size == 0
+    lead = (None,) * max(len(np.shape(q.codes)) - 1, 0)
     for names in (("tensor", "fsdp"), ("fsdp",), ("tensor",)):
         axes, k = _axes_over(sizes, names)
         if not axes or not whole_blocks or q.n_blocks % k:
             continue
-        split = P(_entry(axes))
+        split = P(*lead, _entry(axes))
         scale = None
         if q.absmax_scale is not None:
             scale = split if (q.n_blocks // k) % q.dq_block_size == 0 else P()
         return dataclasses.replace(q, codes=split, absmax=split, absmax_scale=scale,
                                    absmax_offset=None if q.absmax_offset is None else P())
     return _replicated_like(q)
+
+
+def gathered_spec(q: QuantizedArray, sizes: Mapping[str, int]) -> QuantizedArray:
+    """The PartitionSpecs that ``q`` is decoded with for a matmul: `quantized_spec` with the
+    ``fsdp`` axis taken out of every field (a ``tensor`` split is kept, ``data`` never splits a
+    weight). `qlora_jax.ops` constrains the fields to it before decoding, so that the all-gather
+    FSDP needs moves the packed codes and scales, not the decoded weight.
+
+    Args:
+      q: the quantized leaf (only its shapes are read).
+      sizes: ``{axis: size}``, e.g. `mesh_sizes` of the mesh.
+    """
+    spec = quantized_spec(q, sizes)
+
+    def drop(p: P | None) -> P | None:
+        if p is None:
+            return None
+        out = []
+        for e in p:
+            kept = tuple(n for n in (e if isinstance(e, tuple) else (e,)) if n is not None and n != "fsdp")
+            out.append(_entry(kept) if kept else None)
+        while out and out[-1] is None:
+            out.pop()
+        return P(*out)
+
+    return dataclasses.replace(spec, codes=drop(spec.codes), absmax=drop(spec.absmax),
+                               absmax_scale=drop(spec.absmax_scale), absmax_offset=drop(spec.absmax_offset))
 
 
 def _replicated_like(q: QuantizedArray) -> QuantizedArray:
@@ -441,6 +479,10 @@ def make_sharded_train_step(graphdef: Any, optimizer: optax.GradientTransformati
     back replicated. The batch is checked (`check_batch`) before each call; pass arrays from
     `shard_batch` (required with several processes; numpy is placed automatically otherwise).
 
+    The step is traced inside `qlora_jax.ops.on_mesh`: each 4-bit base is all-gathered over
+    ``fsdp`` as packed codes and scales right before its matmul decodes it (`gathered_spec`), and
+    the matmuls take the XLA path.
+
     Args:
       graphdef, optimizer: as for ``make_train_step``.
       shardings: from `train_shardings`.
@@ -448,13 +490,22 @@ def make_sharded_train_step(graphdef: Any, optimizer: optax.GradientTransformati
         ``qlora_jax.train.offload_shardings`` of the *placed* state (they keep its partitioning).
       donate: donate the incoming state's buffers.
       kwargs: other ``make_train_step`` arguments (``schedule``, ``forward``, ...).
+    Returns:
+      ``step(state, frozen, batch)``; ``step.lower(state, frozen, batch)`` lowers the underlying
+      jitted function (for ``.compile()``, its memory analysis or HLO text; no batch check) and
+      ``step.jitted`` is that function.
     """
     inner = make_train_step(graphdef, optimizer, offload=offload, donate=False, **kwargs)
     state_sh = shardings.state
     if offload is not None:
         state_sh = dataclasses.replace(state_sh, opt_state=offload[0])
     mesh = shardings.batch.mesh
-    jitted = jax.jit(inner, in_shardings=(state_sh, shardings.frozen, shardings.batch),
+
+    def on_mesh(state, frozen, batch):
+        with ops.on_mesh(mesh):  # active while the step is traced (see qlora_jax.ops)
+            return inner(state, frozen, batch)
+
+    jitted = jax.jit(on_mesh, in_shardings=(state_sh, shardings.frozen, shardings.batch),
                      out_shardings=(state_sh, NamedSharding(mesh, P())),
                      donate_argnums=(0,) if donate else ())
 
@@ -462,6 +513,8 @@ def make_sharded_train_step(graphdef: Any, optimizer: optax.GradientTransformati
         check_batch(batch, mesh)
         return jitted(state, frozen, batch)
 
+    step.lower = jitted.lower
+    step.jitted = jitted
     return step
 
 

@@ -5,17 +5,22 @@ tests/test_sharding.py runs this script in a subprocess and asserts on the JSON 
 line starting with ``RESULT ``). Measurements only: the assertions live in the test file.
 
     python tests/sharding_worker.py all [--out-dir D]
+    python tests/sharding_worker.py gather
     python tests/sharding_worker.py multiprocess --process-id I --num-processes N --port P --out-dir D
 
-``all``: one process with 8 CPU devices. ``multiprocess`` runs under ``jax.distributed.initialize``
+``all``: one process with 8 CPU devices. ``gather``: the all-gathers in the compiled HLO of the
+sharded step (unrolled layers on fsdp=8, stacked scanned layers on data=2,fsdp=4), and one step
+of the stacked model sharded and on one device. ``multiprocess`` runs under ``jax.distributed.initialize``
 (N processes on localhost sharing one 8-device mesh with a tensor axis, 8/N CPU devices each).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -23,7 +28,7 @@ import time
 
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser()
-    p.add_argument("check", choices=("all", "multiprocess"))
+    p.add_argument("check", choices=("all", "gather", "multiprocess"))
     p.add_argument("--process-id", type=int, default=0)
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--port", type=int, default=0)
@@ -49,6 +54,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from qlora_jax import QuantPolicy, dequantize_tree, is_quantized  # noqa: E402
+from qlora_jax.models.build import stack_layers  # noqa: E402
 from qlora_jax import data as qd  # noqa: E402
 from qlora_jax import nnx as qnnx  # noqa: E402
 from qlora_jax import sharding as qs  # noqa: E402
@@ -81,9 +87,9 @@ def _numpy_fill(state, seed: int, scale: float):
     return jax.tree.map(leaf, state)
 
 
-def make_model(dropout: float = 0.05) -> nnx.Module:
+def make_model(dropout: float = 0.05, cfg: LlamaConfig = CFG) -> nnx.Module:
     """The tiny Llama with NF4+DQ bases and r=4 LoRA (A and B random) on every linear layer."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(CFG, rngs=nnx.Rngs(0))))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))))
     model = nnx.merge(graphdef, _numpy_fill(state, 0, 0.05))
     qnnx.inject(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"),
                 quantize=POLICY, compute_dtype=jnp.float32, rngs=nnx.Rngs(params=1, dropout=2))
@@ -218,6 +224,75 @@ def check_quant(model) -> dict:
     per_dev = qs.bytes_per_device(quant_only(placed))
     total = sum(int(a.size) * a.dtype.itemsize for q in quant_only(frozen) for a in q.arrays())
     return {"leaves": leaves, "quant_bytes_total": total, "quant_bytes_per_device": per_dev}
+
+
+# An all-gather instruction of the compiled (post-SPMD) HLO: its name, output type(s), opcode.
+_ALL_GATHER = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+(all-gather(?:-start)?)\(")
+_ARRAY_TYPE = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+
+
+def hlo_all_gathers(text: str) -> list[list]:
+    """``[[dtype, [dims], in_loop], ...]``: one entry per array an all-gather of the HLO ``text``
+    produces (a combined all-gather produces several; of an async ``all-gather-start`` only the
+    outputs); ``in_loop``: the instruction is in the body of a while loop (a layer scan)."""
+    bodies = set(re.findall(r"\bbody=%?([\w.\-]+)", text))
+    out, computation = [], None
+    for line in text.splitlines():
+        c = _COMPUTATION.match(line)
+        if c and not line.startswith(" "):
+            computation = c.group(1)
+            continue
+        m = _ALL_GATHER.match(line)
+        if not m:
+            continue
+        arrays = [[dt, [int(d) for d in dims.split(",") if d]] for dt, dims in _ARRAY_TYPE.findall(m.group(2))]
+        if m.group(3) == "all-gather-start":  # ((operands...), (outputs...))
+            arrays = arrays[len(arrays) // 2:]
+        out.extend([dt, dims, computation in bodies] for dt, dims in arrays)
+    return out
+
+
+def quantized_bases(frozen) -> list[dict]:
+    """Shape facts of every 4-bit base of a frozen state (one layer's ``shape`` for stacked ones)."""
+    out = []
+    for q in jax.tree.leaves(frozen, is_leaf=is_quantized):
+        if is_quantized(q):
+            out.append({"shape": list(q.shape), "stacked": int(q.codes.shape[0]) if q.codes.ndim > 1 else None,
+                        "code_bytes": int(q.codes.shape[-1]), "n_blocks": q.n_blocks,
+                        "n_scales": int(q.absmax_scale.shape[-1])})
+    return out
+
+
+def check_gather() -> dict:
+    """The compiled sharded step's all-gathers, for the unrolled one-layer model on (fsdp=8) and
+    a two-layer model with stacked, scanned decoder layers on (data=2, fsdp=4); for the stacked
+    one also the first step's metrics sharded and on one device."""
+    res = {}
+    batch = make_batches(1)[0]
+    for name, spec, layers in (("unrolled", "fsdp=8", 1), ("stacked", "data=2,fsdp=4", 2)):
+        model = make_model(cfg=dataclasses.replace(CFG, num_hidden_layers=layers))
+        if name == "stacked":
+            stack_layers(model)
+        graphdef, state, frozen, _ = qt.init_train_state(model, TX)
+        mesh = qs.make_mesh(spec)
+        run = qs.shard_training(state, frozen, TX, mesh, min_shard_size=1)
+        step = qs.make_sharded_train_step(graphdef, TX, run.shardings, **STEP_KW)
+        b = qs.shard_batch(batch, mesh)
+        compiled = step.lower(run.state, run.frozen, b).compile()
+        hlo = compiled.as_text()
+        r = {"mesh": dict(mesh.shape), "layers": layers, "bases": quantized_bases(frozen),
+             "all_gathers": hlo_all_gathers(hlo), "hlo_while_loops": len(re.findall(r"\bwhile\(", hlo)),
+             "codes_sharded": all(not q.codes.sharding.is_fully_replicated
+                                  for q in jax.tree.leaves(run.frozen, is_leaf=is_quantized) if is_quantized(q))}
+        if name == "stacked":
+            _, m = compiled(run.state, run.frozen, b)
+            r["sharded_metrics"] = {k: float(v) for k, v in m.items()}
+            graphdef1, state1, frozen1, _ = qt.init_train_state(model, TX)
+            _, m1 = qt.make_train_step(graphdef1, TX, **STEP_KW)(state1, frozen1, batch)
+            r["single_metrics"] = {k: float(v) for k, v in m1.items()}
+        res[name] = r
+    return res
 
 
 def perturbed_state(state: qt.TrainState, seed: int) -> qt.TrainState:
@@ -364,7 +439,7 @@ def check_all() -> dict:
 
 
 def main() -> None:
-    res = check_all() if ARGS.check == "all" else check_multiprocess()
+    res = {"all": check_all, "gather": check_gather, "multiprocess": check_multiprocess}[ARGS.check]()
     res["jax"] = jax.__version__
     print("RESULT " + json.dumps(res), flush=True)
     if ARGS.check == "multiprocess":

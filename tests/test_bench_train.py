@@ -15,6 +15,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -226,6 +227,81 @@ def test_bench_train_main_reports_and_trains(tmp_path):
     assert all(b <= a + 1e-4 for a, b in zip(losses, losses[1:])), losses
     assert losses[-1] < losses[0] - 0.05, losses
     assert png.stat().st_size > 0 and res["rows"][0]["tok_s"] == row["tok_s"]
+
+
+def _bench_on_host_devices(tmp_path: Path, args: list[str], devices: int = 2, timeout: float = 150) -> tuple[dict, str]:
+    """experiments/bench_train.py in a subprocess on ``devices`` CPU devices (this process's JAX has
+    one). The children of ``--scaling`` share a persistent compilation cache (the model build's
+    programs are the same), which keeps the run well under a minute on two cores."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, str(ROOT / "experiments" / "bench_train.py"), *args, "--out", str(out),
+                        "--plot", str(tmp_path / "bench.png")], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=timeout)
+    assert r.returncode == 0, f"exit {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return json.loads(out.read_text()), r.stdout
+
+
+def test_bench_train_mesh_scaling_on_two_host_devices(tmp_path):
+    """--mesh fsdp=2 --scaling on 2 CPU devices: one process on one device (--mesh data=1, half the
+    global batch), one on the FSDP mesh (the global batch): the same rows a device; both rows carry
+    devices, mesh, per-device peaks; the scaling entry is their tokens/s ratio. With the stacked
+    layout, remat "full" and the optimizer state offloaded, the FSDP run trains and holds half of
+    the 4-bit base a device."""
+    data, stdout = _bench_on_host_devices(tmp_path, [
+        "--shapes", "tiny", "--steps", "2", "--lr", "1e-2", "--ceiling-size", "64", "--mesh", "fsdp=2",
+        "--scaling", "--offload-optimizer"])
+    assert data["complete"] and data["isolated"]
+    one, two = data["rows"]
+    for row in (one, two):
+        assert "error" not in row, row.get("error")
+        assert row["layout"] == "stacked" and row["remat"] == "full" and row["offloaded"]
+        assert row["tok_s"] > 0 and row["plan_gib"] > 0 and 0 < row["mfu"] < row["hfu"]
+        assert len(row["peak_gib_per_device"]) == row["devices"]
+        losses = row["losses"]
+        assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0], losses
+    assert (one["scaling_run"], one["devices"], one["mesh"], one["batch"], one["batch_per_device"]) == (
+        "1 device", 1, {"data": 1, "fsdp": 1, "tensor": 1}, 1, 1)
+    assert (two["scaling_run"], two["devices"], two["mesh"], two["batch"], two["batch_per_device"]) == (
+        "2 devices", 2, {"data": 1, "fsdp": 2, "tensor": 1}, 2, 1)
+    assert two["tok_s_per_device"] == pytest.approx(two["tok_s"] / 2)
+    assert two["backend_used"].startswith("xla")
+    # FSDP: each device holds half of the 4-bit codes and block scales (the tiny second-level
+    # scales and offsets may stay whole); one device holds all of it.
+    assert one["frozen_gib_per_device"] == pytest.approx(one["frozen_gib"])
+    assert 0.45 * two["frozen_gib"] < two["frozen_gib_per_device"] < 0.6 * two["frozen_gib"]
+    (sc,) = data["scaling"]
+    assert (sc["shape"], sc["devices"], sc["mesh_spec"], sc["batch"], sc["batch_per_device"]) == ("tiny", 2, "fsdp=2", 2, 1)
+    assert (sc["tok_s_1"], sc["tok_s_n"]) == (one["tok_s"], two["tok_s"])
+    assert sc["ratio"] == pytest.approx(two["tok_s"] / one["tok_s"]) and sc["efficiency"] == pytest.approx(sc["ratio"] / 2)
+    assert "mesh" in stdout and "peak GiB per device" in stdout and f"ratio {sc['ratio']:.2f}" in stdout
+
+
+def test_bench_train_mesh_compile_only(tmp_path):
+    """--compile-only on a (data=1, fsdp=2) mesh: the abstract state's shardings and the offloaded
+    optimizer state's host shardings come from the rules; XLA's per-device plan is reported."""
+    data, _ = _bench_on_host_devices(tmp_path, [
+        "--shapes", "tiny", "--compile-only", "--mesh", "data=1,fsdp=2", "--remat", "offload_inputs",
+        "--offload-optimizer"])
+    (row,) = data["rows"]
+    assert "error" not in row, row.get("error")
+    assert row["devices"] == 2 and row["mesh"] == {"data": 1, "fsdp": 2, "tensor": 1} and row["batch_per_device"] == 1
+    assert row["compile_only"] and row["offloaded"] and row["plan_gib"] > 0 and "tok_s" not in row
+    assert data["mesh_spec"] == "data=1,fsdp=2" and data["device_count"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--scaling"], "--scaling needs --mesh"),
+    (["--mesh", "data=two"], "--mesh: mesh spec"),
+    (["--mesh", "fsdp=-1", "--scaling"], "explicit mesh sizes"),
+    (["--mesh", "data=2", "--scaling", "--compile-only"], "does not combine with --compile-only"),
+])
+def test_bench_train_mesh_argument_errors(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--shapes", "tiny", *argv])
+    assert message in capsys.readouterr().err
 
 
 def test_max_seq_search_doubles_then_bisects_and_catches_oom():

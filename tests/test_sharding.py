@@ -1,8 +1,9 @@
 """Tests of qlora_jax.sharding: partition rules (in this process, from axis sizes alone) and, on 8
 CPU devices in a subprocess (tests/sharding_worker.py), the sharded train step against the
 single-device step, block-aligned sharding of the 4-bit codes, checkpoints restored onto other
-meshes, and the errors for bad meshes and batches. A slow test repeats the training under
-``jax.distributed`` with two processes and a tensor axis."""
+meshes, the errors for bad meshes and batches, and the collectives of the compiled step (FSDP
+all-gathers the packed 4-bit codes, not decoded weights; unrolled and stacked layers). A slow
+test repeats the training under ``jax.distributed`` with two processes and a tensor axis."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -21,6 +24,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import qlora_jax as qj
+from qlora_jax import ops
 from qlora_jax import sharding as qs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +94,63 @@ def test_quantized_spec_without_double_quant_and_without_fsdp():
     assert spec.absmax_scale is None and spec.absmax_offset is None and spec.codes == P("fsdp")
     rep = qs.quantized_spec(q, {"data": 8, "fsdp": 1})  # pure data parallelism: replicated
     assert (rep.codes, rep.absmax) == (P(), P())
+
+
+def _stacked(q: qj.QuantizedArray, layers: int) -> qj.QuantizedArray:
+    """``q`` with every field given a leading ``[layers]`` axis, as `stack_layers` makes them."""
+    import dataclasses
+
+    stack = lambda a: None if a is None else np.stack([a] * layers)  # noqa: E731
+    return dataclasses.replace(q, codes=stack(q.codes), absmax=stack(q.absmax),
+                               absmax_scale=stack(q.absmax_scale), absmax_offset=stack(q.absmax_offset))
+
+
+def test_gathered_spec_undoes_fsdp_only_and_stacked_leaves_split_their_last_axis():
+    """Where a base is decoded: no fsdp split (that is the all-gather of the codes), a tensor
+    split kept; stacked leaves keep the per-layer block split on their last axis."""
+    q = _q(16384)
+    g = qs.gathered_spec(q, {"data": 2, "fsdp": 4})
+    assert (g.codes, g.absmax, g.absmax_scale, g.absmax_offset) == (P(), P(), P(), P())
+    g = qs.gathered_spec(q, {"fsdp": 4, "tensor": 2})             # split over (tensor, fsdp): keep tensor
+    assert (g.codes, g.absmax, g.absmax_scale, g.absmax_offset) == (P("tensor"), P("tensor"), P("tensor"), P())
+    g = qs.gathered_spec(_q(1152), {"fsdp": 4, "tensor": 2})      # split over fsdp alone
+    assert (g.codes, g.absmax, g.absmax_scale) == (P(), P(), P())
+    g = qs.gathered_spec(_q(4096, 64, None), {"fsdp": 2})
+    assert g.codes == P() and g.absmax_scale is None and g.absmax_offset is None
+    # Stacked: [L, ...] fields, metadata of one layer.
+    st = qs.quantized_spec(_stacked(q, 3), {"data": 2, "fsdp": 4})
+    assert (st.codes, st.absmax, st.absmax_scale, st.absmax_offset) == (
+        P(None, "fsdp"), P(None, "fsdp"), P(None, "fsdp"), P())
+    st = qs.quantized_spec(_stacked(_q(12288), 3), {"fsdp": 4})   # 1.5 DQ blocks a device: scales whole
+    assert (st.codes, st.absmax_scale) == (P(None, "fsdp"), P())
+    assert qs.quantized_spec(_stacked(_q(96), 3), {"fsdp": 4}).codes == P()
+    g = qs.gathered_spec(_stacked(q, 3), {"fsdp": 4})
+    assert (g.codes, g.absmax, g.absmax_scale) == (P(), P(), P())
+
+
+def test_matmuls_traced_for_a_mesh_take_the_xla_path(monkeypatch):
+    """Under a mesh of several devices no Pallas kernel is used (XLA cannot partition one): "auto"
+    resolves to XLA, "pallas" warns and uses XLA; the mesh is part of the static plan. A
+    one-device mesh changes nothing."""
+    import types
+
+    mod = types.SimpleNamespace(supports=lambda *a, **k: True, dequant_matmul=None, dequant_matmul_t=None)
+    monkeypatch.setattr(ops, "_pallas_module", lambda: mod)
+    monkeypatch.setattr(ops, "_on_gpu", lambda: True)
+    w = _q(64 * 32)
+    w = qj.QuantizedArray(w.codes, w.absmax, w.absmax_scale, w.absmax_offset, shape=(64, 32), dtype="float32",
+                          format="nf4", block_size=32, dq_block_size=64)
+    assert ops._resolve("auto", 8, w, jnp.float32) == ("pallas", "pallas", None)
+    mesh = jax.sharding.AbstractMesh((1, 2, 1), qs.AXES)
+    with ops.on_mesh(mesh):
+        assert ops._resolve("auto", 8, w, jnp.float32) == ("xla", "xla", mesh)
+        with pytest.warns(UserWarning, match="XLA path"):
+            assert ops._resolve("pallas", 8, w, jnp.float32) == ("xla", "xla", mesh)
+        with ops.on_mesh(jax.sharding.AbstractMesh((1, 1, 1), qs.AXES)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert ops._resolve("auto", 8, w, jnp.float32) == ("pallas", "pallas", None)
+    assert ops._resolve("auto", 8, w, jnp.float32)[2] is None
 
 
 def test_dense_spec_rules():
@@ -184,9 +245,8 @@ def _run(args: list[str], timeout: float = 600) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.fixture(scope="session")
-def worker(tmp_path_factory) -> dict:
-    """The ``all`` checks' results (and their output folder under ``"out_dir"``).
+def _shared_run(tmp_path_factory, check: str) -> dict:
+    """The results of ``sharding_worker.py <check>`` (and its output folder under ``"out_dir"``).
 
     Under pytest-xdist each worker process has its own session: a lock in the shared base
     folder makes the first one run the subprocess and the others read its result.
@@ -194,16 +254,23 @@ def worker(tmp_path_factory) -> dict:
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent
-    out = root / "sharding_worker"
+    name = "sharding_worker" if check == "all" else f"sharding_worker_{check}"
+    out = root / name
     out.mkdir(exist_ok=True)
-    with open(root / "sharding_worker.lock", "w") as lock:
+    with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         result = out / "result.json"
         if not result.exists():
-            result.write_text(json.dumps(_run(["all", "--out-dir", str(out)])))
+            result.write_text(json.dumps(_run([check, "--out-dir", str(out)])))
         res = json.loads(result.read_text())
     res["out_dir"] = str(out)
     return res
+
+
+@pytest.fixture(scope="session")
+def worker(tmp_path_factory) -> dict:
+    """The ``all`` checks' results (and their output folder under ``"out_dir"``)."""
+    return _shared_run(tmp_path_factory, "all")
 
 
 def test_sharded_step_matches_single_device(worker):
@@ -284,6 +351,64 @@ def test_bad_mesh_and_batch_errors(worker):
     for key in ("mesh_unknown_axis", "foreign_mesh_rules", "foreign_mesh_batch"):
         assert e[key].startswith("ValueError") and "unknown mesh axis 'model'" in e[key]
     assert e["fill_axis_mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}   # fsdp=-1: the remaining devices
+
+
+@pytest.fixture(scope="session")
+def gather_worker(tmp_path_factory) -> dict:
+    """The ``gather`` check's results: HLO all-gathers of the compiled sharded steps."""
+    return _shared_run(tmp_path_factory, "gather")
+
+
+_FLOATS = ("f16", "bf16", "f32", "f64")
+
+
+def _squeeze(dims) -> tuple[int, ...]:
+    return tuple(d for d in dims if d != 1)
+
+
+@pytest.mark.parametrize("layout", ["unrolled", "stacked"])
+def test_fsdp_all_gathers_move_4bit_codes_not_decoded_weights(gather_worker, layout):
+    """The compiled sharded step (HLO after SPMD partitioning): every 4-bit base reaches its
+    matmul through all-gathers of its uint8 codes and uint8 block scales (and the float32
+    second-level scales where those are split), and no all-gather produces a float array shaped
+    like a decoded base ([N, K], [K, N] or flat, per layer or stacked). Unrolled layers on
+    (fsdp=8); two stacked layers scanned on (data=2, fsdp=4), where the gathers sit in the scan
+    body: one layer's codes at a time."""
+    r = gather_worker[layout]
+    assert r["codes_sharded"] and r["mesh"]["fsdp"] == (8 if layout == "unrolled" else 4)
+    bases = r["bases"]
+    assert len(bases) == 7 * (r["layers"] if layout == "unrolled" else 1)
+    assert all(b["stacked"] == (r["layers"] if layout == "stacked" else None) for b in bases)
+    gathers = [(dt, tuple(dims), in_loop) for dt, dims, in_loop in r["all_gathers"]]
+    u8 = Counter(dims for dt, dims, _ in gathers if dt == "u8")
+    u8_in_loop = Counter(dims for dt, dims, in_loop in gathers if dt == "u8" and in_loop)
+    f32 = Counter(dims for dt, dims, _ in gathers if dt == "f32")
+    floats = [(dt, _squeeze(dims)) for dt, dims, _ in gathers if dt in _FLOATS]
+    for shape in {tuple(b["shape"]) for b in bases}:
+        same = [b for b in bases if tuple(b["shape"]) == shape]
+        b, n_bases = same[0], len(same)
+        n, k = shape
+        decoded = {(n, k), (k, n), (n * k,)}
+        decoded |= {(r["layers"], *d) for d in decoded} | {(r["layers"] * n * k,)}
+        assert not [g for g in floats if g[1] in decoded], (shape, floats)
+        # Every base of this shape: its codes and its 8-bit block scales, whole, as uint8 (the
+        # forward's gather; the backward gathers again where the input gradient is needed).
+        assert u8[(b["code_bytes"],)] >= n_bases, (shape, u8)
+        assert u8[(b["n_blocks"],)] >= n_bases, (shape, u8)
+        if layout == "stacked":
+            assert u8_in_loop[(b["code_bytes"],)] >= n_bases, (shape, u8_in_loop)
+        if (b["n_blocks"] // r["mesh"]["fsdp"]) % 64 == 0:         # second-level scales split too
+            assert f32[(b["n_scales"],)] >= n_bases, (shape, f32)
+
+
+def test_stacked_layers_train_on_a_mesh_like_one_device(gather_worker):
+    """Two stacked, scanned layers on (data=2, fsdp=4): the first step's loss and gradient norm
+    equal the single-device step's."""
+    r = gather_worker["stacked"]
+    a, b = r["single_metrics"], r["sharded_metrics"]
+    assert a["tokens"] == b["tokens"] and a["target_tokens"] == b["target_tokens"]
+    np.testing.assert_allclose(b["loss"], a["loss"], rtol=2e-6)
+    np.testing.assert_allclose(b["grad_norm"], a["grad_norm"], rtol=1e-5)
 
 
 def _free_port() -> int:
