@@ -54,11 +54,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from qlora_jax.quantize import QuantizedArray, dequantize
+from qlora_jax.quantize import BACKENDS, QuantizedArray, dequantize
 
 __all__ = ["quant_matmul", "qlora_matmul", "qlora_matmul_multi", "on_mesh", "BACKENDS"]
 
-BACKENDS = ("auto", "xla", "pallas")
 
 Weight = QuantizedArray | jax.Array
 
