@@ -14,7 +14,15 @@ element is updated in place by adding ``0 *`` an output element, so XLA can neit
 nor skip iterations) and the full outputs are carried (nothing is dead); the wall time of the
 whole loop over ``--reps`` is device time without dispatch. "dispatch" (default elsewhere) dispatches
 ``--reps`` jitted calls back to back and stops the clock once the last result is ready.
-``--sweep`` also times the bare kernels (no double quant) over rows-per-program x num_warps.
+``--sweep`` also times the bare kernels (no double quant) over rows-per-program x num_warps, and
+the second-level kernel over blocks-per-program x num_warps.
+
+Double quantization alone (rows ``dq ...``, format ``dq<size>``): on the float32 first-level
+scales of the input (NF4, block ``--block-size``: 1M scales for 8192x8192 at block 64), with
+TB/s and ``x copy`` relative to those scales' bytes and a copy of them (``copy (scales)``):
+``dq mean`` is the offset alone (`_exact_mean`, XLA on every backend), ``dq encode`` the second
+level given the offset (XLA ``double_quantize(..., offset=)`` vs the one-pass
+``double_quantize_pallas``), ``dq total`` both, as ``quantize`` runs them per backend.
 
     python experiments/bench_quantize.py                                   # CPU here: XLA, small
     python experiments/bench_quantize.py --shape 8192 8192 --reps 50 --save  # GPU: xla vs pallas
@@ -25,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import json
 import os
 import sys
@@ -36,6 +45,8 @@ import jax
 import jax.numpy as jnp
 
 import qlora_jax as qj
+
+qmod = importlib.import_module("qlora_jax.quantize")   # the module (qj.quantize is the function)
 
 FORMATS = (("nf4", False), ("nf4", True), ("fp4", False))
 
@@ -103,8 +114,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--timing", default=None, choices=["loop", "dispatch"],
                    help="default: loop on a GPU, dispatch elsewhere")
     p.add_argument("--reps", type=int, default=None)
+    p.add_argument("--dq-block-size", type=int, default=256,
+                   help="second-level block of the double-quantization rows (default 256)")
     p.add_argument("--sweep", action="store_true",
-                   help="also time the bare Pallas kernels over rows-per-program x num_warps")
+                   help="also time the bare Pallas kernels over tiles x num_warps")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/bench_quantize_<device>_<date>.json")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -139,8 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
             rows.append(_row("quantize", label_b, label, t_q, in_bytes, t_copy))
             rows.append(_row("dequantize", label_b, label, t_d, in_bytes, t_copy))
 
+    absmax = qj.quantize(x, "nf4", bs, double_quant=False, backend="xla").absmax
+    rows += _double_quant_rows(absmax, args.dq_block_size, backends, timer, reps, on_gpu)
+
     if args.sweep:
         rows += _sweep(x, bs, timer, reps, in_bytes, t_copy, interpret=not on_gpu)
+        rows += _sweep_dq(absmax, args.dq_block_size, timer, reps, interpret=not on_gpu)
 
     print(f"device {dev.device_kind}, jax {jax.__version__}, input {shape} {dtype.name} "
           f"({in_bytes / 2**20:.0f} MiB), block {bs}, {reps} reps, timing {timing}; "
@@ -163,6 +180,53 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(result, f, indent=2)
         print(f"wrote {os.path.join(args.out, name)}")
     return result
+
+
+def _double_quant_rows(absmax: jax.Array, dq: int, backends: tuple[str, ...], timer: Callable,
+                       reps: int, on_gpu: bool) -> list[dict]:
+    """Double quantization alone on the first-level scales: the mean, the second level given the
+    offset, and both (see the module docstring)."""
+    a_bytes = absmax.size * absmax.dtype.itemsize
+    t_copy = timer(_copy, (absmax,), reps)
+    fmt = f"dq{dq}"
+    out = [_row("copy (scales)", "-", fmt, t_copy, a_bytes, t_copy, config=f"{absmax.size} scales")]
+    offset = jax.jit(qmod._exact_mean)(absmax)
+    out.append(_row("dq mean", "xla", fmt, timer(qmod._exact_mean, (absmax,), reps), a_bytes, t_copy))
+    for backend in backends:
+        interpret = backend == "pallas" and not on_gpu
+        label = backend + (" (interpret)" if interpret else "")
+        if backend == "pallas":
+            from pallas_kernels import quantize as pq
+            encode = lambda a, o: pq.double_quantize_pallas(a, o, dq, interpret=interpret)
+        else:
+            encode = lambda a, o: qmod.double_quantize(a, dq, offset=o)[:2]
+        total = lambda a, backend=backend, interpret=interpret: qmod._double_quantize_backend(
+            a, dq, backend, interpret)
+        out.append(_row("dq encode", label, fmt, timer(encode, (absmax, offset), reps), a_bytes, t_copy))
+        out.append(_row("dq total", label, fmt, timer(total, (absmax,), reps), a_bytes, t_copy))
+    return out
+
+
+def _sweep_dq(absmax: jax.Array, dq: int, timer: Callable, reps: int, interpret: bool) -> list[dict]:
+    """The second-level kernel (given the offset) over blocks-per-program x num_warps."""
+    from pallas_kernels import quantize as pq
+
+    a_bytes = absmax.size * absmax.dtype.itemsize
+    t_copy = timer(_copy, (absmax,), reps)
+    offset = jax.jit(qmod._exact_mean)(absmax)
+    out = []
+    for elems in (512, 1024, 2048, 4096, 8192):
+        blocks = max(1, elems // dq)
+        for warps in (2, 4, 8):
+            cfg = dict(blocks_per_program=blocks, num_warps=warps, interpret=interpret)
+            config = f"blocks={blocks} ({blocks * dq} scales) warps={warps}"
+            try:
+                t = timer(lambda a, o: pq.double_quantize_pallas(a, o, dq, **cfg), (absmax, offset), reps)
+            except Exception as e:  # a configuration Triton cannot compile: report, go on
+                print(f"sweep {config}: {type(e).__name__}: {str(e)[:200]}")
+                continue
+            out.append(_row("dq_kernel", "pallas", f"dq{dq}", t, a_bytes, t_copy, config=config))
+    return out
 
 
 def _sweep(x: jax.Array, bs: int, timer: Callable, reps: int, in_bytes: int, t_copy: float,

@@ -7,8 +7,11 @@ XLA (the bytes bitsandbytes writes): per block ``absmax = max |x|``; ``x * (1 / 
 correctly rounded float32 reciprocal (0 for an absmax below 2**-126); the code is the sorted rank
 ``#{midpoints m : v > m}`` of the scaled value (ties go to the lower code) mapped back through
 the format's sort order; two codes a byte, the first element in the HIGH nibble. Decoding is
-``table[code] * absmax`` in float32, rounded once to the output dtype. Plain-jnp references sit
-beside the kernels (`quantize_blocks_reference`, `dequantize_blocks_reference`). This module does
+``table[code] * absmax`` in float32, rounded once to the output dtype. `double_quantize_pallas`
+is the second level of double quantization in one pass over the float32 scales, given the offset
+(centre, per-block absmax, exact reciprocal, 8-bit code of the signed dynamic map; see its
+docstring). Plain-jnp references sit beside the kernels (`quantize_blocks_reference`,
+`dequantize_blocks_reference`, `double_quantize_reference`). This module does
 not import ``qlora_jax``: a format is its 16-value code table (or a name in
 `pallas_kernels._common.CODE_TABLES`); midpoints and sort order are derived here the same way as
 in ``qlora_jax.formats`` (the tests check they are equal).
@@ -80,13 +83,21 @@ __all__ = [
     "dequantize_blocks_pallas",
     "quantize_blocks_reference",
     "dequantize_blocks_reference",
+    "double_quantize_pallas",
+    "double_quantize_reference",
+    "default_dq_blocks",
+    "dq_supported",
     "INPUT_DTYPES",
     "BLOCK_SIZES",
+    "DQ_BLOCK_SIZES",
     "MAX_ELEMENTS",
+    "MAX_DQ_SCALES",
 ]
 
 INPUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 BLOCK_SIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+# Scales a second-level block of double quantization (as ``qlora_jax.formats.DQ_BLOCK_SIZES``).
+DQ_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 # Word offsets inside the kernels are int32 (``row * block_size / 2 + column``); this keeps every
 # offset, including those of masked rows past the end, far below 2**31.
 MAX_ELEMENTS = 2**31
@@ -457,6 +468,190 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
 
 
 # --------------------------------------------------------------------------------------------
+# Double quantization: the second level, float32 block scales -> 8-bit codes
+
+
+def _dq_midpoints() -> np.ndarray:
+    """float32 [255] midpoints of the signed dynamic map (derived as ``qlora_jax.formats.
+    dynamic_map_midpoints`` does; the tests check they are equal), checked to have the symmetry
+    `_encode_dynamic` relies on: ``mid[127 + j] == -mid[126 - j]`` (j < 127), all of
+    ``mid[127:]`` positive and strictly increasing."""
+    m = _common.DYNAMIC_MAP
+    mid = ((m[:-1] + m[1:]) / np.float32(2)).astype(np.float32)
+    pos = mid[127:]
+    if not (mid.size == 255 and np.array_equal(mid[127:254].view(np.uint32), (-mid[126::-1]).view(np.uint32))
+            and pos[0] > 0 and np.all(np.diff(pos) > 0)):
+        raise AssertionError("the dynamic map's midpoints lost the symmetry _encode_dynamic needs")
+    return mid
+
+
+DQ_MIDPOINTS = _dq_midpoints()
+# the 128 positive midpoints as int32 bit patterns (ascending, as the values are)
+_DQ_POS_BITS = tuple(int(b) for b in DQ_MIDPOINTS[127:].view(np.int32))
+_DQ_TILE_ELEMENTS = 2048
+# Element offsets are int32 (``block * dq_block_size + column``, masked tail included).
+MAX_DQ_SCALES = 2**30
+
+
+def _encode_dynamic(v: jax.Array) -> jax.Array:
+    """int32 8-bit code of float32 values: the rank ``#{m : v > m}`` among the 255 midpoints of
+    the dynamic map (a value on a midpoint goes lower), what ``jnp.searchsorted(midpoints, v,
+    side="left")`` gives, for every finite v (no clip needed: a value a little past ±1 gets
+    the same rank as ±1). NaN: unspecified.
+
+    The midpoints are symmetric about 0 (checked at import), so one search over the 128
+    positive ones ``P`` serves both signs, on integer keys (non-negative float32 bit patterns
+    order like the values; no float compare, so no denormal flushing can change a result):
+    with ``u = |v|``, ``v >= 0`` has rank ``127 + #{j : u > P[j]}`` and ``v < 0`` (or -0) has
+    ``#{i < 127 : v > -P[126 - i]} = 127 - #{j < 127 : u >= P[j]}``; ``u >= P[j]`` is ``key >
+    P[j]`` for ``key = bits(u) + 1``. The count over ``P[0..126]`` is a 7-level branch-free
+    binary search whose thresholds are picked by select trees on constants (120 selects and 7
+    compares; no gather), plus one compare with ``P[127]`` for the positive side."""
+    vb = jax.lax.bitcast_convert_type(v, jnp.int32)
+    neg = vb < 0
+    key = (vb & np.int32(0x7FFFFFFF)) + jnp.where(neg, np.int32(1), np.int32(0))
+    thr = _DQ_POS_BITS
+    bits: list[jax.Array] = []
+    for k in range(6, -1, -1):
+        leaves = [np.int32(thr[(r << (k + 1)) + (1 << k) - 1]) for r in range(1 << len(bits))]
+        bits.append(key > _select_tree(bits, leaves))
+    count = jnp.where(bits[0], np.int32(64), np.int32(0))
+    for w, b in zip((32, 16, 8, 4, 2, 1), bits[1:]):
+        count = count | jnp.where(b, np.int32(w), np.int32(0))
+    above = jnp.where(key > np.int32(thr[127]), np.int32(1), np.int32(0))
+    return jnp.where(neg, np.int32(127) - count, np.int32(127) + count + above)
+
+
+def _dq_block_scales(centred: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(scale float32 [r], inverse float32 [r]) of centred blocks [r, dq]: ``max |c|``, and its
+    exact reciprocal, 0 for a scale below 2**-126 (zero or subnormal), as ``_scale`` of
+    qlora_jax.quantize. The max is an integer max of the sign-cleared bit patterns (monotone in
+    |c| for non-NaN), so a subnormal or NaN element is kept as it is, whatever a float max or
+    abs would flush or drop."""
+    mag = jax.lax.bitcast_convert_type(centred, jnp.int32) & np.int32(0x7FFFFFFF)
+    scale = jax.lax.bitcast_convert_type(jnp.max(mag, axis=1), jnp.float32)
+    normal = scale >= np.float32(2.0 ** -126)
+    inv = jnp.where(normal, _exact_reciprocal(jnp.where(normal, scale, np.float32(1))), np.float32(0))
+    return scale, inv
+
+
+def _double_quantize_kernel(a_ref, off_ref, *refs, block: int, rows: int, n: int):
+    codes_ref, scale_ref = refs[-2:]   # any refs before them are aliased output buffers
+    r0 = pl.program_id(0) * rows       # first second-level block of this program
+    row = r0 + jnp.arange(rows, dtype=jnp.int32)
+    idx = row[:, None] * block + jnp.arange(block, dtype=jnp.int32)[None, :]   # [rows, block]
+    mask = (idx < n) if n % (rows * block) else None
+    a = _load(a_ref.at[idx], mask)
+    centred = a - off_ref[0]
+    if mask is not None:
+        centred = jnp.where(mask, centred, np.float32(0))   # the XLA path pads centred with 0
+    scale, inv = _dq_block_scales(centred)
+    codes = _encode_dynamic(centred * inv[:, None]).astype(jnp.uint8)
+    if mask is None:
+        codes_ref[idx] = codes
+    else:
+        pltriton.store(codes_ref.at[idx], codes, mask=mask)
+    _store(scale_ref.at[pl.ds(r0, rows)], scale, _row_mask(r0, rows, -(-n // block)))
+
+
+@functools.partial(jax.jit, static_argnames=("block", "rows", "num_warps", "num_stages", "interpret"))
+def _double_quantize_call(absmax: jax.Array, offset: jax.Array,
+                          init: tuple[jax.Array, jax.Array] | None = None, *, block: int, rows: int,
+                          num_warps: int, num_stages: int, interpret: bool):
+    """The launch. ``init`` (tests): buffers (uint8 [n], float32 [n_scales]) the outputs start
+    from (aliased), so that an element the kernel never writes keeps a known pattern."""
+    n = absmax.size
+    n_scales = -(-n // block)
+    kernel = functools.partial(_double_quantize_kernel, block=block, rows=rows, n=n)
+    out_shape = (jax.ShapeDtypeStruct((n,), jnp.uint8), jax.ShapeDtypeStruct((n_scales,), jnp.float32))
+    args = [absmax.reshape(n).astype(jnp.float32), jnp.asarray(offset, jnp.float32).reshape(1)]
+    aliases = {}
+    if init is not None:
+        args += [init[0].reshape(n), init[1].reshape(n_scales)]
+        aliases = {2: 0, 3: 1}
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(pl.cdiv(n_scales, rows),),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        compiler_params=_common.compiler_params(num_warps, num_stages),
+        name="double_quantize",
+    )(*args)
+
+
+def dq_supported(n: int, dq_block_size: int) -> bool:
+    """Whether `double_quantize_pallas` serves ``n`` first-level scales in second-level blocks
+    of ``dq_block_size`` (in `DQ_BLOCK_SIZES`; ``0 < n < MAX_DQ_SCALES``; any n, ragged too)."""
+    return dq_block_size in DQ_BLOCK_SIZES and 0 < n < MAX_DQ_SCALES
+
+
+def default_dq_blocks(dq_block_size: int, n_scales: int | None = None) -> int:
+    """Second-level blocks a program: a tile of ~2K scales (a 1M-scale vector makes ~512
+    programs), at most the next power of two of ``n_scales``. Not yet measured on GPU."""
+    rows = max(1, _DQ_TILE_ELEMENTS // dq_block_size)
+    if n_scales is not None:
+        rows = min(rows, 1 << max(0, (n_scales - 1).bit_length()))
+    return rows
+
+
+def double_quantize_pallas(absmax: jax.Array, offset: jax.Array | float, dq_block_size: int = 256, *,
+                           blocks_per_program: int | None = None, num_warps: int | None = None,
+                           num_stages: int = 1, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+    """The second level of double quantization in one pass, given the offset: centre, per-block
+    absmax, exact reciprocal scale, 8-bit encode (what ``qlora_jax.quantize.double_quantize``
+    computes with that ``offset``, bit for bit).
+
+    Per second-level block of ``dq_block_size`` scales: ``c = absmax - offset`` (float32),
+    ``scale = max |c|`` (a ragged last block counts its missing elements as 0, as the XLA path's
+    zero padding does), ``inv`` = the correctly rounded ``1 / scale`` (`_exact_reciprocal`; 0
+    for a scale below 2**-126, so such a block encodes every value as code 127, the zero of the
+    map), and ``code = #{m : c * inv > m}`` over the 255 midpoints of the signed dynamic map
+    (ties go to the lower code; `_encode_dynamic`). A program owns ``blocks_per_program`` whole
+    blocks and reads each scale once: it loads a ``[blocks, dq_block_size]`` tile through int32
+    element offsets (the masked tail needs no padding copy), reduces along the rows, and stores
+    the codes and one scale a block. No float add follows a multiply, so FMA contraction cannot
+    change a result.
+
+    Divergences, all outside what first-level scales can be: codes of NaN/Inf scales are
+    unspecified (a block holding NaN gets a NaN scale); a block scale above 2**126 gets
+    reciprocal 0 (codes 127) where the XLA path's flushed reciprocal is an artefact; a subnormal
+    centred value (absmax and offset both below ~2**-102) is flushed or not as the platform's
+    float subtract does, as in XLA.
+
+    Not yet measured on GPU (defaults: ~2K scales a program, 4 warps; 8 warps for tiles above
+    2K); run ``experiments/bench_quantize.py``.
+
+    Args:
+      absmax: float32 first-level scales (any shape; flattened), ``0 < size < MAX_DQ_SCALES``.
+      offset: float32 scalar subtracted first (the stored ``absmax_offset``).
+      dq_block_size: scales a second-level block, in `DQ_BLOCK_SIZES`.
+      blocks_per_program: second-level blocks a program (power of two; default
+        `default_dq_blocks`).
+      num_warps, num_stages: Triton launch parameters.
+      interpret: run in the Pallas interpreter (CPU tests).
+    Returns:
+      (codes uint8 [absmax.size], scale float32 [ceil(absmax.size / dq_block_size)]).
+    """
+    absmax = jnp.asarray(absmax)
+    if absmax.dtype != jnp.float32:
+        raise TypeError(f"double_quantize_pallas needs float32 scales, got {absmax.dtype}")
+    if jnp.size(offset) != 1:
+        raise ValueError(f"offset must be a scalar, got shape {jnp.shape(offset)}")
+    n = absmax.size
+    if not dq_supported(n, dq_block_size):
+        raise ValueError(f"double_quantize_pallas needs dq_block_size in {DQ_BLOCK_SIZES} and "
+                         f"0 < size < {MAX_DQ_SCALES}; got dq_block_size={dq_block_size!r}, size {n}")
+    n_scales = -(-n // dq_block_size)
+    rows = default_dq_blocks(dq_block_size, n_scales) if blocks_per_program is None else blocks_per_program
+    warps = (4 if rows * dq_block_size <= _DQ_TILE_ELEMENTS else 8) if num_warps is None else num_warps
+    _check_launch(rows, warps, num_stages)
+    return _double_quantize_call(absmax, offset, block=int(dq_block_size), rows=int(rows),
+                                 num_warps=int(warps), num_stages=int(num_stages),
+                                 interpret=bool(interpret))
+
+
+# --------------------------------------------------------------------------------------------
 # Plain-jnp references (XLA), the definitions the kernels meet
 
 
@@ -482,3 +677,17 @@ def dequantize_blocks_reference(packed: jax.Array, absmax: jax.Array,
     codes = jnp.stack([b >> 4, b & 0xF], axis=-1).reshape(absmax.size, -1).astype(jnp.int32)
     vals = jnp.asarray(np.asarray(tables.values, np.float32))[codes] * absmax.reshape(-1, 1)
     return vals.astype(out_dtype).reshape(-1)
+
+
+def double_quantize_reference(absmax: jax.Array, offset: jax.Array | float,
+                              dq_block_size: int = 256) -> tuple[jax.Array, jax.Array]:
+    """`double_quantize_pallas` in plain jnp: zero-padded centred blocks, the same block scales
+    and encoder."""
+    a = jnp.asarray(absmax, jnp.float32).reshape(-1)
+    n = a.size
+    n_scales = -(-n // dq_block_size)
+    centred = jnp.pad(a - jnp.asarray(offset, jnp.float32).reshape(()), (0, n_scales * dq_block_size - n))
+    centred = centred.reshape(n_scales, dq_block_size)
+    scale, inv = _dq_block_scales(centred)
+    codes = _encode_dynamic(centred * inv[:, None]).reshape(-1)[:n]
+    return codes.astype(jnp.uint8), scale

@@ -22,7 +22,7 @@ Known divergences from bitsandbytes (documented, and tested to decode to the sam
   exact 0 even after double quantization turns the block's absmax 0 into a tiny non-zero value.
 - The double-quantization offset is the float32 mean of the absmax values. bitsandbytes takes it
   with a float32 torch reduction whose summation order depends on the device (CUDA vs CPU) and
-  the CPU's vector width; we take the exact mean (float64 sum, one rounding), which can differ
+  the CPU's vector width; we take a compensated float32 sum (`_exact_mean`), which can differ
   from either by a few ulp. Everything downstream of the offset is byte-identical given the same
   offset (`double_quantize` takes the offset as an argument so that can be checked).
 - bitsandbytes' CPU C++ 8-bit kernel rounds to one of 65,536 bins first, so within ~1.5e-5 of a
@@ -43,7 +43,9 @@ multiple of the block size; the same bytes and values bit for bit; compiled on a
 Pallas interpreter elsewhere, which is for tests only); "auto" (default) takes the kernels for a
 concrete bf16/f16 array on one GPU device and XLA everywhere else, including under ``jax.jit``
 (where the placement, and a possible sharding, are unknown: pass ``backend="pallas"`` there to
-get the kernel). Double quantization of the block scales always runs in XLA. The kernels are
+get the kernel). With "pallas", double quantization runs its second level (centre, block
+scales, 8-bit encode) in one kernel too (`pallas_kernels.quantize.double_quantize_pallas`), the
+same bytes; its offset, the mean, is `_exact_mean` in XLA on every backend. The kernels are
 imported lazily, so this module works without Pallas GPU support.
 
 Linear weights: a torch ``Linear.weight`` is ``[out, in]`` and a Flax kernel is ``[in, out]``.
@@ -83,7 +85,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-# Where `quantize` and `dequantize` run (see the module docstring).
+# Where `quantize`, `dequantize` and the matmuls of `qlora_jax.ops` run (see the module docstrings).
 BACKENDS = ("auto", "xla", "pallas")
 
 
@@ -330,11 +332,15 @@ def double_quantize(absmax: jax.Array, dq_block_size: int = 256,
 
 
 def _exact_mean(x: jax.Array) -> jax.Array:
-    """Mean of float32 [n], within 1 ulp of the exact mean whatever the reduction order.
+    """Mean of float32 [n] by a compensated (double-float) reduction: each partial sum carries
+    its rounding error (Knuth's TwoSum). Float64 would need x64 mode, which we do not force on users.
 
-    A compensated (double-float) reduction: each partial sum carries its rounding error
-    (Knuth's TwoSum), so the device's reduction order does not change the result, and jit, eager,
-    CPU and GPU agree. Float64 would need x64 mode, which we do not force on users.
+    On random data of weight-like scales it equals the correctly rounded mean (float64 sum, one
+    rounding). It is NOT order-independent in general: XLA:CPU lets LLVM reassociate the
+    reduction's adds, which can cancel the compensation. 1M copies of 0.1 then give 0.0999942,
+    and a shuffled ``[2**24, 1, 1000 x 2**-25]`` changes in the last bits. So stored offsets can
+    differ between backends on such inputs. Whatever the offset, the bytes after it follow from it
+    exactly (see `double_quantize`), and decoding uses the stored offset.
     """
     x = x.astype(jnp.float32)
 
@@ -415,7 +421,7 @@ def _quantize_flat(flat: jax.Array, fmt: _formats.Format, block_size: int,
             flat, tuple(float(v) for v in fmt.values), block_size, interpret=interpret)
         # a block holding Inf/NaN gets a NaN scale in the kernel, as below
         all_finite = jnp.logical_not(jnp.any(jnp.isnan(absmax)))
-        return _with_double_quant(packed, absmax, dq_block_size), all_finite
+        return _with_double_quant(packed, absmax, dq_block_size, backend, interpret), all_finite
     flat = flat.astype(jnp.float32)
     n = flat.shape[0]
     blocks, absmax = _blockwise_absmax(flat, block_size)
@@ -433,13 +439,34 @@ def _quantize_flat(flat: jax.Array, fmt: _formats.Format, block_size: int,
     return _with_double_quant(packed, absmax, dq_block_size), all_finite
 
 
-def _with_double_quant(packed: jax.Array, absmax: jax.Array,
-                       dq_block_size: int | None) -> tuple[jax.Array, ...]:
+def _with_double_quant(packed: jax.Array, absmax: jax.Array, dq_block_size: int | None,
+                       backend: str = "xla", interpret: bool = False) -> tuple[jax.Array, ...]:
     """(codes, absmax or its 8-bit codes, absmax_scale, absmax_offset) as stored."""
     if dq_block_size is None:
         return packed, absmax, None, None
-    qabs, scale, offset = double_quantize(absmax, dq_block_size)
+    qabs, scale, offset = _double_quantize_backend(absmax, dq_block_size, backend, interpret)
     return packed, qabs, scale, offset
+
+
+def _double_quantize_backend(absmax: jax.Array, dq_block_size: int, backend: str = "xla",
+                             interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`double_quantize` (default offset) on a resolved backend: "xla" is `double_quantize`
+    itself; "pallas" takes the same offset (`_exact_mean`, in XLA) and runs centre, block scales
+    and 8-bit encode in one kernel (`pallas_kernels.quantize.double_quantize_pallas`); the same
+    bits either way.
+
+    The mean stays in XLA on purpose: the result of `_exact_mean`'s compensated sum still
+    depends on the reduction order (its float32 correction term rounds: on XLA:CPU permuting
+    ``[2**24, 1, 2**-25 x 1000]`` changes the last bit), so a kernel summing in its own order
+    could not promise the offset bits of the XLA path."""
+    if backend != "pallas":
+        return double_quantize(absmax, dq_block_size)
+    absmax = jnp.asarray(absmax, jnp.float32)
+    # pinned to its float32 value, as in `double_quantize`
+    offset = jax.lax.optimization_barrier(_exact_mean(absmax))
+    codes, scale = _pallas_quantize_module().double_quantize_pallas(
+        absmax, offset, dq_block_size, interpret=interpret)
+    return codes, scale, offset
 
 
 def quantize(x: jax.Array | np.ndarray, format: str = "nf4", block_size: int = 64,

@@ -7,9 +7,12 @@ midpoint between two codes (ties go to the lower code), all-zero and negative-ze
 huge and tiny magnitudes, bf16 subnormals and f16 subnormals, and row counts that leave the last
 program partly masked. Outputs are poisoned: each kernel runs twice with its output buffers
 starting as 0x00.. and as 0xFF.. (aliased), and both runs must equal the reference, so no element
-can be left unwritten. `test_kernels_lower_to_triton` lowers both kernels to Triton IR for an
-H100 without a GPU (the interpreter cannot show that); tests marked ``gpu`` compile and run them
-on a real GPU (``python -m pytest tests/test_quantize_pallas.py -m gpu``).
+can be left unwritten. The second-level (double quantization) kernel is checked the same way
+against `double_quantize`: scales whose scaled centred value lands exactly on a dynamic-map
+midpoint, equal scales (centred to zero), zeros, huge + tiny values, ragged sizes.
+`test_kernels_lower_to_triton` and `test_dq_kernel_lowers_to_triton` lower the kernels to Triton
+IR for an H100 without a GPU (the interpreter cannot show that); tests marked ``gpu`` compile and
+run them on a real GPU (``python -m pytest tests/test_quantize_pallas.py -m gpu``).
 """
 
 from __future__ import annotations
@@ -311,11 +314,190 @@ def test_dequantize_kernel_random_codes_and_scales():
 
 
 # ------------------------------------------------------------------------------------------
+# Double quantization: the second-level kernel against `double_quantize` (interpreted on CPU)
+
+
+DQ_MIDS = formats.dynamic_map_midpoints()
+
+
+def dq_scales(seed: int, n: int, block: int, offset: float) -> np.ndarray:
+    """float32 first-level scales [n] built block by block in the centred domain (``c = a -
+    offset`` as float32 computes it), cycling through: exact ties (``c * RN(1/scale)`` is a
+    dynamic-map midpoint; power-of-two and arbitrary scales) with their float32 neighbours,
+    random values over many magnitudes, a block of equal values, and a block equal to the
+    offset (centred to zero)."""
+    rng = np.random.default_rng(seed)
+    off = np.float32(offset)
+    out = []
+    for j in range(-(-n // block)):
+        m = min(block, n - j * block)
+        kind = j % 4   # a single block holds ties
+        sign = np.float32(1 if (j + seed) % 3 else -1)
+        if kind == 0:   # ties
+            s = (np.float32(2.0 ** rng.integers(-8, 0)) if j % 2 else
+                 np.float32(rng.uniform(2.0 ** -8, 1)))
+            a0 = np.float32(off + sign * s)
+            s_act = np.abs(np.float32(a0 - off))
+            inv = np.float32(1) / s_act
+            near = []
+            base = np.float32(off + (DQ_MIDS.astype(np.float64) / np.float64(inv)))
+            for k in (-2, -1, 0, 1, 2):
+                cand = base
+                for _ in range(abs(k)):
+                    cand = np.nextafter(cand, np.float32(np.inf if k > 0 else -np.inf))
+                near.append(cand.astype(np.float32))
+            near = np.concatenate(near)
+            c = np.float32(near - off)
+            near = near[np.abs(c) <= s_act]
+            exact = near[np.isin(np.float32(np.float32(near - off) * inv), DQ_MIDS)]
+            fill = rng.uniform(-1, 1, m).astype(np.float32) * s_act + off
+            b = np.concatenate([[a0], rng.permutation(exact), rng.permutation(exact), rng.permutation(near),
+                                fill]).astype(np.float32)[:m]
+        elif kind == 1:   # random, many magnitudes
+            b = (off + rng.standard_normal(m) * 2.0 ** rng.uniform(-12, 2)).astype(np.float32)
+        elif kind == 2:   # equal values: centred +-s everywhere (codes 255 or 0)
+            b = np.full(m, np.float32(off + sign * np.float32(0.37)), np.float32)
+        else:             # equal to the offset: centred 0, scale 0 (code 127)
+            b = np.full(m, off, np.float32)
+        out.append(rng.permutation(b))
+    return np.concatenate(out).astype(np.float32)
+
+
+def count_dq_ties(a: np.ndarray, offset: float, block: int) -> int:
+    """Scales whose scaled centred value is exactly a midpoint (float32, as the kernel scales)."""
+    c = np.float32(a - np.float32(offset))
+    pad = np.zeros(-c.size % block, np.float32)
+    blocks = np.concatenate([c, pad]).reshape(-1, block)
+    s = np.abs(blocks).max(axis=1)
+    ok = s >= np.float32(2.0 ** -126)
+    inv = np.where(ok, np.float32(1) / np.where(ok, s, np.float32(1)), np.float32(0)).astype(np.float32)
+    v = (blocks * inv[:, None]).reshape(-1)[: c.size]
+    return int(np.isin(v, DQ_MIDS).sum())
+
+
+def run_dq_poisoned(a, offset, block, rows):
+    """The second-level kernel twice, outputs starting all-0x00 and all-0xFF (aliased); returns
+    the first result after checking the second equals it."""
+    n = a.size
+    n_scales = -(-n // block)
+    outs = []
+    for fill in (0x00, 0xFF):
+        poison = jnp.full((n_scales,), fill * 0x01010101, jnp.uint32)
+        init = (jnp.full((n,), fill, jnp.uint8), jax.lax.bitcast_convert_type(poison, jnp.float32))
+        outs.append(pq._double_quantize_call(a, offset, init, block=block, rows=rows, num_warps=4,
+                                             num_stages=1, interpret=INTERPRET))
+    for x, y in zip(*outs):
+        assert_bits_equal(x, y, "poisoned runs")
+    return outs[0]
+
+
+def test_dq_midpoints_match_formats():
+    assert_bits_equal(pq.DQ_MIDPOINTS, formats.dynamic_map_midpoints(), "dynamic-map midpoints")
+    assert_bits_equal(_common.DYNAMIC_MAP, formats.dynamic_map(), "dynamic map")
+
+
+def test_encode_dynamic_matches_searchsorted():
+    """The symmetric binary search equals the XLA path's ``searchsorted(compare_all)`` on the
+    clipped values: midpoints (ties go lower), their float32 neighbours, the map's values, ±0,
+    ±1 and just past, tiny and random values."""
+    m = DQ_MIDS
+    v = np.concatenate([m, np.nextafter(m, np.float32(2)), np.nextafter(m, np.float32(-2)),
+                        formats.dynamic_map(), -formats.dynamic_map(),
+                        [0.0, -0.0, 1.0, -1.0, 1.0000001, -1.0000001, 1e-30, -1e-30, 2.0 ** -126],
+                        np.random.default_rng(2).uniform(-1, 1, 20000),
+                        np.random.default_rng(3).uniform(-1, 1, 5000) * 1e-4]).astype(np.float32)
+    got = np.asarray(jax.jit(pq._encode_dynamic)(jnp.asarray(v)))
+    want = jnp.searchsorted(jnp.asarray(m), jnp.clip(jnp.asarray(v), -1, 1), side="left",
+                            method="compare_all")
+    np.testing.assert_array_equal(got, np.asarray(want))
+    np.testing.assert_array_equal(got, np.searchsorted(m, v, side="left"))
+
+
+DQ_CASES = [
+    # n scales, dq_block_size, blocks a program, offset ("mean": `_exact_mean` of the scales)
+    (1, 256, 1, 0.0375),
+    (255, 256, 1, 0.0375),
+    (256, 256, 1, "mean"),
+    (257, 256, 2, 0.0375),        # ragged: the second block holds one scale
+    (4096 + 3, 256, 4, "mean"),   # 17 blocks, 5 programs: masked rows and a ragged block
+    (1000, 64, 8, 0.8),
+    (4096, 4096, 1, 0.01),
+]
+
+
+@pytest.mark.parametrize("n,block,rows,offset", DQ_CASES)
+def test_dq_kernel_matches_xla(n, block, rows, offset):
+    fixed = 0.0375 if offset == "mean" else offset
+    a = dq_scales(_seed(n, block), n, block, fixed)
+    aj = jnp.asarray(a)
+    off = qmod._exact_mean(aj) if offset == "mean" else jnp.float32(offset)
+    codes, scale = run_dq_poisoned(aj, off, block, rows)
+    want_codes, want_scale, _ = qmod.double_quantize(aj, block, offset=off)
+    assert_bits_equal(codes, want_codes, "codes")
+    assert_bits_equal(scale, want_scale, "scales")
+    ref_codes, ref_scale = pq.double_quantize_reference(aj, off, block)
+    assert_bits_equal(ref_codes, want_codes, "reference codes")
+    assert_bits_equal(ref_scale, want_scale, "reference scales")
+    if offset != "mean" and n >= block:
+        assert count_dq_ties(a, offset, block) >= 16   # the inputs hold exact ties
+    # the public wrapper, default tiles
+    got = pq.double_quantize_pallas(aj, off, block, interpret=INTERPRET)
+    assert_bits_equal(got[0], want_codes, "codes (default tiles)")
+    assert_bits_equal(got[1], want_scale, "scales (default tiles)")
+
+
+def _adversarial_scales() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(5)
+    return {
+        "zeros": np.zeros(300, np.float32),
+        "all equal 0.1": np.full(4096 + 3, 0.1, np.float32),
+        "all equal 3": np.full(513, 3.0, np.float32),
+        "huge + 1 + tiny": np.array([2.0 ** 24, 1.0] + [2.0 ** -25] * 1000, np.float32),
+        "huge and tiny": rng.permutation(np.concatenate([np.full(7, 1e30), np.full(600, 1e-30),
+                                                         rng.uniform(0, 1, 300)])).astype(np.float32),
+        "random": (np.abs(rng.standard_normal(4096 + 3)) * 0.05).astype(np.float32),
+    }
+
+
+@pytest.mark.parametrize("name", list(_adversarial_scales()))
+def test_double_quant_paths_agree(name):
+    """The "pallas" double quantization (mean in XLA, then the kernel) stores what
+    `double_quantize` stores, offset included, on adversarial scales."""
+    a = jnp.asarray(_adversarial_scales()[name])
+    for block in (64, 256):
+        got = qmod._double_quantize_backend(a, block, "pallas", INTERPRET)
+        want = qmod.double_quantize(a, block)
+        for g, w, what in zip(got, want, ("codes", "scales", "offset")):
+            assert_bits_equal(g, w, f"{what} (dq_block_size={block})")
+        assert_bits_equal(got[2], qmod._exact_mean(a), "offset is _exact_mean")
+        if name in ("zeros", "all equal 3"):   # centred to zero: the zero code, scale 0
+            assert np.all(np.asarray(got[0]) == 127) and np.all(np.asarray(got[1]) == 0)
+
+
+def test_dq_argument_checks():
+    a = jnp.ones(300, jnp.float32)
+    with pytest.raises(TypeError, match="float32"):
+        pq.double_quantize_pallas(a.astype(jnp.bfloat16), 0.5)
+    with pytest.raises(ValueError, match="dq_block_size"):
+        pq.double_quantize_pallas(a, 0.5, 32)
+    with pytest.raises(ValueError, match="dq_block_size"):
+        pq.double_quantize_pallas(jnp.ones(0, jnp.float32), 0.5)
+    with pytest.raises(ValueError, match="scalar"):
+        pq.double_quantize_pallas(a, jnp.ones(2))
+    with pytest.raises(ValueError, match="rows_per_program"):
+        pq.double_quantize_pallas(a, 0.5, 64, blocks_per_program=3)
+    assert pq.default_dq_blocks(256) == 8 and pq.default_dq_blocks(64) == 32
+    assert pq.default_dq_blocks(4096) == 1 and pq.default_dq_blocks(256, 3) == 4
+    assert pq.dq_supported(1, 64) and not pq.dq_supported(1, 32) and not pq.dq_supported(0, 256)
+
+
+# ------------------------------------------------------------------------------------------
 # Through the public API
 
 
 @pytest.mark.parametrize("fmt,dtype,block_size,dq_block_size,shape", [
-    ("nf4", BF16, 64, 64, (24, 160)),      # 60 blocks: several second-level blocks
+    ("nf4", BF16, 64, 64, (24, 160)),      # 60 blocks: one ragged second-level block
+    ("int4", F16, 32, 64, (40, 104)),      # 130 blocks: three second-level blocks, the last ragged
     ("fp4", F16, 128, None, (8, 3, 128)),
 ])
 def test_public_api_backends_agree(fmt, dtype, block_size, dq_block_size, shape):
@@ -436,6 +618,18 @@ def test_kernels_lower_to_triton(fmt, block_size, dtype, n_blocks):
             assert "xla.gpu.triton" in text
 
 
+@pytest.mark.parametrize("n,dq_block_size", [(1 << 20, 256), (4096 + 3, 256), (1, 4096)])
+def test_dq_kernel_lowers_to_triton(n, dq_block_size):
+    """The second-level kernel lowers to Triton IR for an H100 (whole and ragged tiles)."""
+    check = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    with _pretend_h100():
+        exported = jax.export.export(
+            jax.jit(lambda a, o: pq.double_quantize_pallas(a, o, dq_block_size)), platforms=["cuda"],
+            disabled_checks=check)(jax.ShapeDtypeStruct((n,), jnp.float32),
+                                   jax.ShapeDtypeStruct((), jnp.float32))
+        assert "xla.gpu.triton" in exported.mlir_module()
+
+
 # ------------------------------------------------------------------------------------------
 # On a real GPU (compiled)
 
@@ -487,3 +681,35 @@ def test_gpu_special_values(fmt, block_size, dtype, n_blocks, rows):
     for out in (BF16, F16):
         got = run_dequantize_poisoned(packed, absmax_ref, tables, out, rows)
         assert_bits_equal(got, qj.dequantize(q, out, backend="xla").reshape(-1), f"dequantize {out}")
+
+
+@pytest.mark.gpu
+def test_gpu_double_quantize_1m():
+    """Double quantization of ~1M scales compiled: the "pallas" path (mean in XLA:GPU, then the
+    kernel) against XLA:GPU's `double_quantize`, for the scales of a real 8192x8192 bf16 weight
+    and adversarial ones (ties, equal values, huge + tiny, zeros), dq blocks of 64..4096, ragged
+    sizes; and the bare kernel (poisoned outputs) at the default tiles."""
+    x = jax.random.normal(jax.random.key(11), (8192, 8192), jnp.float32).astype(BF16)
+    real = qj.quantize(x, "nf4", 64, double_quant=False, backend="pallas").absmax   # 1M scales
+    n = 1 << 20
+    cases = {
+        "real": real,
+        "real, ragged": real[: n - 5],
+        "ties": jnp.asarray(dq_scales(17, n + 3, 256, 0.0375)),
+        "all equal 0.1": jnp.full((n,), 0.1, jnp.float32),
+        "huge + 1 + tiny": jnp.asarray(np.array([2.0 ** 24, 1.0] + [2.0 ** -25] * (n - 2), np.float32)),
+        "zeros": jnp.zeros((n,), jnp.float32),
+    }
+    for name, a in cases.items():
+        for block in (64, 256, 1024, 4096):
+            got = qmod._double_quantize_backend(a, block, "pallas", False)
+            want = qmod.double_quantize(a, block)
+            for g, w, what in zip(got, want, ("codes", "scales", "offset")):
+                assert_bits_equal(g, w, f"{name}: {what} (dq_block_size={block})")
+        off = jnp.float32(0.0375)
+        rows = pq.default_dq_blocks(256, -(-a.size // 256))
+        codes, scale = run_dq_poisoned(a, off, 256, rows)
+        want_codes, want_scale, _ = qmod.double_quantize(a, 256, offset=off)
+        assert_bits_equal(codes, want_codes, f"{name}: kernel codes")
+        assert_bits_equal(scale, want_scale, f"{name}: kernel scales")
+    assert count_dq_ties(np.asarray(cases["ties"]), 0.0375, 256) >= 1000
