@@ -45,9 +45,17 @@ Several devices: ``--mesh data=2`` (or ``fsdp=2``, ``data=1,fsdp=2``; the syntax
 the bases are all-gathered as 4-bit codes). ``--batch`` is then the GLOBAL batch (rows per step over
 all devices; each data/fsdp shard gets ``batch / (data·fsdp)`` rows) and ``tok_s`` the global tokens/s;
 the row adds ``devices``, ``mesh``, ``batch_per_device``, ``tok_s_per_device`` and
-``peak_gib_per_device`` (``peak_gib`` is then the largest; device 0's includes building the model,
-which happens there before it is split); ``plan_gib`` is one device's plan of the partitioned
-program; MFU is against ``devices`` × the one-device ceiling. A mesh smaller than the machine takes
+``peak_gib_per_device`` (``peak_gib`` is then the largest); ``plan_gib`` is one device's plan of the
+partitioned program. The model is built straight into its shardings: the target shardings are
+computed first from the abstract model (``train_shardings``, as ``--compile-only`` does), then
+`init_quantized_llama` (``shardings=``) places each leaf as it is made and stacks the decoder
+layers through host memory straight into their FSDP shardings, so no device holds more than its
+shards plus one float kernel during the build (before, device 0 held the whole 4-bit model: 61.9
+GiB peak for 70B on 2×H200 against 20.2 GiB for the step). ``shard_training`` then only places
+the train state (``shard_training_moved_frozen_gib``: base bytes it still moved, 0 on an
+accelerator); ``build_peak_gib`` / ``build_peak_gib_per_device`` are the devices' peaks right after
+the build (None where the backend has no memory stats, e.g. CPU); ``build_sharded`` says this path
+ran (real-weight shapes are still loaded on the first device and then split); MFU is against ``devices`` × the one-device ceiling. A mesh smaller than the machine takes
 the first devices (``--mesh data=1``: one device through the same sharded step). Under a mesh of
 several devices the 4-bit matmuls take the XLA path (no Pallas kernels).
 
@@ -325,8 +333,13 @@ def _lora_config(args: argparse.Namespace):
     return LoraConfig(r=args.r, lora_alpha=args.alpha, lora_dropout=0.0, target_modules=targets)
 
 
-def build_model(name: str, args: argparse.Namespace, cd: Any, attn: str | None, abstract: bool = False):
-    """The QLoRA model of shape ``name`` (4-bit bases + adapters), laid out per ``--layout``."""
+def build_model(name: str, args: argparse.Namespace, cd: Any, attn: str | None, abstract: bool = False,
+                shardings: Any = None):
+    """The QLoRA model of shape ``name`` (4-bit bases + adapters), laid out per ``--layout``.
+
+    ``shardings`` (random-init shapes only): the final model state's shardings (a tree, or the
+    ``(params, rngs, frozen)`` trees of ``train_shardings``); the builder then places every leaf
+    as it is made and stacks the layers straight into theirs (`init_quantized_llama`)."""
     import jax
     from flax import nnx
 
@@ -355,6 +368,16 @@ def build_model(name: str, args: argparse.Namespace, cd: Any, attn: str | None, 
     else:
         config = LlamaConfig.from_hf(spec["hf"])
         make = lambda: init_quantized_llama(config, lcfg, key=jax.random.key(args.seed), rngs=rngs(), **kw)  # noqa: E731
+
+    if shardings is not None:
+        if spec.get("real") or abstract:
+            raise ValueError("build_model: shardings= needs a random-init shape built for real")
+        stacked = args.layout == "stacked"
+        model = init_quantized_llama(config, lcfg, key=jax.random.key(args.seed), rngs=rngs(), stack=stacked,
+                                     shardings=shardings, **kw)
+        if stacked and args.remat == "offload_inputs":  # = stack_layers(model, remat_policy="offload_inputs")
+            model.model.layers[0].remat_policy = "offload_inputs"
+        return model
 
     def make_laid_out():
         model = make()
@@ -458,7 +481,17 @@ def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> di
     forward = qt.scan_forward if args.layout == "scan" else qt.default_forward
 
     t = time.perf_counter()
-    model = build_model(name, args, cd, attn, abstract=args.compile_only)
+    target = None
+    if mesh is not None and not args.compile_only and not spec.get("real"):
+        # The shardings first, from the abstract model (as --compile-only); then every leaf is
+        # built straight into its own (no device holds more than its shards + one float kernel).
+        _, a_state, a_frozen = _abstract_setup(build_model(name, args, cd, attn, abstract=True), tx)
+        target = qs.train_shardings(a_state, a_frozen, tx, mesh)
+        del a_state, a_frozen
+        model = build_model(name, args, cd, attn,
+                            shardings=(target.state.params, target.state.rngs, target.frozen))
+    else:
+        model = build_model(name, args, cd, attn, abstract=args.compile_only)
     shardings = None
     if args.compile_only:
         graphdef, state, frozen = _abstract_setup(model, tx)
@@ -474,13 +507,25 @@ def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> di
         if mesh is None:
             graphdef, state, frozen, offload = qt.init_train_state(
                 model, tx, offload=qt.OffloadConfig(optimizer_state=args.offload_optimizer))
-        else:  # built on the first device, then split over the mesh
+        else:  # built into the mesh's shardings (real weights: on the first device, then split)
+            row["build_sharded"] = target is not None
+            if target is not None:  # measured before the optimizer state exists
+                peaks = [_peak_gib(d) for d in mesh.devices.flat]
+                row["build_peak_gib_per_device"] = peaks
+                row["build_peak_gib"] = max(peaks) if all(p is not None for p in peaks) else None
             graphdef, state, frozen, _ = qt.init_train_state(model, tx)
+            before = jax.tree.leaves(frozen)
             run = qs.shard_training(state, frozen, tx, mesh,
                                     offload=qt.OffloadConfig(optimizer_state=args.offload_optimizer))
             state, frozen, offload, shardings = run.state, run.frozen, run.offload, run.shardings
             del run
-        row["build_peak_gib"] = _peak_gib()
+            # shard_training on the already placed base must not move it (device_put to the same
+            # sharding returns the array itself; on CPU qlora_jax.sharding copies through numpy).
+            row["shard_training_moved_frozen_gib"] = sum(
+                a.nbytes for a, b in zip(before, jax.tree.leaves(frozen)) if a is not b) / 2**30
+            del before
+        if "build_peak_gib" not in row:
+            row["build_peak_gib"] = _peak_gib()
     del model
     row["build_s"] = time.perf_counter() - t
     row["frozen_gib"] = qt.tree_bytes(frozen) / 2**30

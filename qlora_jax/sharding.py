@@ -363,6 +363,9 @@ def _on_cpu(x: Any) -> bool:
 
 
 def _place_leaf(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and \
+            x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x  # already there (e.g. built straight into its shards): no copy
     if jax.process_count() == 1:
         if _on_cpu(x) and not _is_key(x):
             # Host memory either way: slicing a numpy view avoids compiling a reshard program
