@@ -45,6 +45,7 @@ from qlora_jax.lora import LoraConfig  # noqa: E402
 from qlora_jax.models import LlamaConfig  # noqa: E402
 from qlora_jax.models import build  # noqa: E402
 from qlora_jax.quantize import tree_path_str  # noqa: E402
+from hf_folder import write_hf_folder  # noqa: E402  (sys.path[0] is tests/)
 
 # Every base a whole number of 32-element blocks that 4 devices split (q/o: 512 blocks, k/v: 256,
 # MLP: 1024), so the codes are really split; lm_head and the embedding stay float.
@@ -200,25 +201,6 @@ def train_losses(model, mesh, step=None):
                                                        zip(before, jax.tree.leaves(run.shardings.frozen)))}, run
 
 
-def write_hf_folder(folder: str, model) -> None:
-    from safetensors.numpy import save_file
-
-    tensors = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable):
-            name = ".".join(str(p) for p in path)
-            value = np.asarray(node.get_value(), np.float32)
-            if name.endswith(".kernel"):
-                name, value = name[: -len(".kernel")] + ".weight", value.T
-            elif name.endswith(".embedding"):
-                name = name[: -len(".embedding")] + ".weight"
-            tensors[name] = np.ascontiguousarray(value)
-    os.makedirs(folder)
-    save_file(tensors, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump({**HF, "model_type": "llama", "hidden_act": "silu"}, fh)
-
-
 def main() -> None:
     mesh = qs.make_mesh("fsdp=4")
     res: dict = {"devices": jax.device_count()}
@@ -264,7 +246,7 @@ def main() -> None:
     # Streamed checkpoint, stacked, into the shardings of the stacked loaded model.
     with tempfile.TemporaryDirectory() as d:
         folder = os.path.join(d, "hf")
-        write_hf_folder(folder, build.init_llama(CFG, KEY))
+        write_hf_folder(folder, build.init_llama(CFG, KEY), HF)
         lkw = dict(policy=POLICY, dtype=jnp.float32, param_dtype=jnp.float32, stack=True)
         loaded, _ = build.load_quantized_llama(folder, LORA, rngs=_rngs(), **lkw)
         load_sh = qs.tree_shardings(nnx.state(loaded), mesh)

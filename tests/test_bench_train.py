@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from hf_folder import write_hf_folder
 
 from qlora_jax import QuantPolicy, dequantize
 from qlora_jax import nnx as qnnx
@@ -175,29 +176,10 @@ def test_offload_inputs_keeps_the_saved_layer_inputs_in_host_memory():
         stack_layers(init_llama(CFG, KEY), remat_policy="offload_everything")
 
 
-def _write_hf_folder(folder: Path, model, hf: dict) -> None:
-    """An HF safetensors folder of ``model``'s float params (torch names, ``[out, in]`` weights)."""
-    from safetensors.numpy import save_file
-
-    tensors = {}
-    for path, node in nnx.iter_graph(model):
-        if isinstance(node, nnx.Variable):
-            name = ".".join(str(p) for p in path)
-            value = np.asarray(node.get_value(), np.float32)
-            if name.endswith(".kernel"):
-                name, value = name[: -len(".kernel")] + ".weight", value.T
-            elif name.endswith(".embedding"):
-                name = name[: -len(".embedding")] + ".weight"
-            tensors[name] = np.ascontiguousarray(value)
-    folder.mkdir()
-    save_file(tensors, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps({**hf, "model_type": "llama", "hidden_act": "silu"}))
-
-
 def test_streamed_checkpoint_is_quantized_as_it_loads(tmp_path):
     cfg = dict(HF, num_hidden_layers=2)
     folder = tmp_path / "hf"
-    _write_hf_folder(folder, init_llama(LlamaConfig.from_hf(cfg), KEY), cfg)
+    write_hf_folder(folder, init_llama(LlamaConfig.from_hf(cfg), KEY), cfg)
     ours, _ = load_quantized_llama(folder, LORA, policy=POLICY, rngs=_rngs(), dtype=jnp.float32,
                                    param_dtype=jnp.float32)
     ref, _ = load_llama(folder)
