@@ -256,7 +256,7 @@ def test_argument_checks():
         pq.dequantize_blocks_pallas(jnp.zeros(32, jnp.uint8), jnp.zeros(2, jnp.float32), nf4, jnp.float32)
     with pytest.raises(ValueError, match="bf16/f16 output"):
         pq.dequantize_blocks_pallas(jnp.zeros(24, jnp.uint8), jnp.zeros(2, jnp.float32), nf4)
-    assert pq.default_rows(64) == 128 and pq.default_rows(4096) == 2 and pq.default_rows(64, 5) == 8
+    assert pq.default_rows(64) == 64 and pq.default_rows(4096) == 1 and pq.default_rows(64, 5) == 8
 
 
 # ------------------------------------------------------------------------------------------
@@ -486,8 +486,8 @@ def test_dq_argument_checks():
         pq.double_quantize_pallas(a, jnp.ones(2))
     with pytest.raises(ValueError, match="rows_per_program"):
         pq.double_quantize_pallas(a, 0.5, 64, blocks_per_program=3)
-    assert pq.default_dq_blocks(256) == 8 and pq.default_dq_blocks(64) == 32
-    assert pq.default_dq_blocks(4096) == 1 and pq.default_dq_blocks(256, 3) == 4
+    assert pq.default_dq_blocks(256) == 2 and pq.default_dq_blocks(64) == 8
+    assert pq.default_dq_blocks(4096) == 1 and pq.default_dq_blocks(256, 1) == 1
     assert pq.dq_supported(1, 64) and not pq.dq_supported(1, 32) and not pq.dq_supported(0, 256)
 
 
