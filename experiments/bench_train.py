@@ -52,12 +52,13 @@ computed first from the abstract model (``train_shardings``, as ``--compile-only
 layers through host memory straight into their FSDP shardings, so no device holds more than its
 shards plus one float kernel during the build (before, device 0 held the whole 4-bit model: 61.9
 GiB peak for 70B on 2×H200 against 20.2 GiB for the step). ``shard_training`` then only places
-the train state (``shard_training_moved_frozen_gib``: base bytes it still moved, 0 on an
-accelerator); ``build_peak_gib`` / ``build_peak_gib_per_device`` are the devices' peaks right after
-the build (None where the backend has no memory stats, e.g. CPU); ``build_sharded`` says this path
-ran (real-weight shapes are still loaded on the first device and then split); MFU is against ``devices`` × the one-device ceiling. A mesh smaller than the machine takes
-the first devices (``--mesh data=1``: one device through the same sharded step). Under a mesh of
-several devices the 4-bit matmuls take the XLA path (no Pallas kernels).
+the train state (``shard_training_moved_frozen_gib``: base bytes it still moved; 0);
+``build_peak_gib`` / ``build_peak_gib_per_device`` are the devices' peaks right after the build
+(None where the backend has no memory stats, e.g. CPU); ``build_sharded`` says this path ran
+(real-weight shapes are still loaded on the first device and then split). MFU is against
+``devices`` × the one-device ceiling. A mesh smaller than the machine takes the first devices
+(``--mesh data=1``: one device through the same sharded step). Under a mesh of several devices
+the 4-bit matmuls take the XLA path (no Pallas kernels).
 
 ``--scaling`` measures parallel scaling in one call: for each shape it runs ``--mesh data=1`` with
 ``batch / (data·fsdp)`` rows and then ``--mesh`` with ``batch`` rows, each in its own process (the
@@ -519,8 +520,7 @@ def bench_shape(name: str, args: argparse.Namespace, progress: Any = None) -> di
                                     offload=qt.OffloadConfig(optimizer_state=args.offload_optimizer))
             state, frozen, offload, shardings = run.state, run.frozen, run.offload, run.shardings
             del run
-            # shard_training on the already placed base must not move it (device_put to the same
-            # sharding returns the array itself; on CPU qlora_jax.sharding copies through numpy).
+            # shard_training must leave the already placed base where it is (no copy).
             row["shard_training_moved_frozen_gib"] = sum(
                 a.nbytes for a, b in zip(before, jax.tree.leaves(frozen)) if a is not b) / 2**30
             del before
