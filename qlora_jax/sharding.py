@@ -386,7 +386,7 @@ def place(tree: Any, shardings: Any) -> Any:
     same structure, or one sharding for all leaves).
 
     In a multi-process run every process passes the same (host-local) values; each places the
-    shards of its own devices.
+    shards of its own devices. A leaf already laid out as its sharding says is returned as is.
     """
     if isinstance(shardings, jax.sharding.Sharding):
         return jax.tree.map(lambda x: _place_leaf(x, shardings), tree)

@@ -168,12 +168,11 @@ def _has(x: Any, sharding: jax.sharding.Sharding) -> bool:
 
 
 def _put(x: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-    """``x`` (device array or numpy) with ``sharding``; ``x`` itself if it already has it."""
-    if _has(x, sharding):
-        return x
+    """``x`` (device array or numpy) with ``sharding`` (`qlora_jax.sharding.place`: ``x`` itself
+    if it already has it; with several processes each places its own shards)."""
     from qlora_jax.sharding import place  # noqa: PLC0415 - qlora_jax.sharding imports qlora_jax.train
 
-    return place(x, sharding)  # one process: device_put; several: each places its own shards
+    return place(x, sharding)
 
 
 def _is_array(x: Any) -> bool:
