@@ -9,7 +9,7 @@ consecutive elements along ``k``; with double quantization the scales are uint8 
 Entry points:
 
 - `supported` — whether a kernel serves this op/shape/platform and was measured faster than
-  plain XLA there (else use XLA; on an H100 that is decode, M <= 16, only);
+  plain XLA there (else use XLA; on an H100/H200 that is decode, M <= 16, only);
 - `matmul_nt` — ``y = x · deq(W)ᵀ`` (forward; the decode kernel for M <= 16);
 - `matmul_nn` — ``dx = dy · deq(W)`` (input gradient).
 
@@ -18,7 +18,9 @@ block_size, dq_block_size`` attributes (a ``qlora_jax.QuantizedArray``, duck-typ
 `supports`, `dequant_matmul`, `dequant_matmul_t` (the contract ``qlora_jax.ops`` currently calls).
 
 Kernels (one a module, each with a plain-JAX ``*_reference`` beside it): `nf4_matmul`,
-`nf4_matmul_dx`, `nf4_decode`; tile configurations in `tuning`. All use the Triton lowering of
+`nf4_matmul_dx`, `nf4_decode`; tile configurations in `tuning`; the 4-bit lookup they share in
+`byte_lut` (byte permutes in inline PTX, with a jnp model of the same operations for interpret
+mode). All use the Triton lowering of
 ``pl.pallas_call`` with explicit compiler params (see `pallas_kernels.nf4_matmul` for why), and
 all run on CPU with ``interpret=True`` for tests.
 """

@@ -27,6 +27,8 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels import byte_lut
+
 __all__ = [
     "DYNAMIC_MAP",
     "QuantSpec",
@@ -85,8 +87,13 @@ DYNAMIC_MAP.setflags(write=False)
 # "poly": two degree-7 polynomials (codes 0-7 and 8-15) in Horner form, 14 FMAs on the float
 #         pipe + 1 select, exact to ~1 float32 ulp (checked per table by `poly_coefficients`);
 # "gather": a load from a 16-entry table ref (through L1).
-# On an H100 "tree" was fastest in every kernel ("poly" 7-20% slower, "gather" 20-100% slower).
-LUT_MODES = ("tree", "poly", "gather")
+# "prmt": byte permutes on the packed bytes (`pallas_kernels.byte_lut`): ~3 instructions a
+#         weight for bf16/f16 tiles, scaled in packed 16-bit arithmetic (GPU: inline PTX;
+#         interpret mode: the same operations in jnp);
+# "prmt32": the same lookup of float16 table values, scaled in float32 and rounded once
+#         (~2 more instructions a weight; within 2**-12 of the exact float32 product).
+# On an H100 "tree" beat "poly" (7-20%) and "gather" (20-100%) in every kernel.
+LUT_MODES = ("tree", "poly", "gather", "prmt", "prmt32")
 
 # Code tables by format name, for callers that hand over a weight object naming its format
 # (`pallas_kernels.dequant_matmul`). The NF4 values of bitsandbytes (``get_4bit_type("nf4")``),
@@ -265,11 +272,30 @@ def code_values(codes: jax.Array, spec: "QuantSpec", lut: str, lut_ref: Any = No
     raise ValueError(f"lut must be one of {LUT_MODES}, got {lut!r}")
 
 
+def _prmt_dtype(dtype: Any) -> Any:
+    """The 16-bit type the "prmt" lookup produces for an output ``dtype``: itself for bf16/f16;
+    float16 for float32 (its 11-bit mantissa keeps table values within 2**-12, and every code
+    table here lies in [-1, 1], far inside float16's normal range)."""
+    dt = jnp.dtype(dtype)
+    return dt if dt in byte_lut.DTYPES else jnp.dtype(jnp.float16)
+
+
 def dequant_pair(spec: "QuantSpec", packed: jax.Array, scales: jax.Array, dtype: Any,
-                 lut: str, lut_ref: Any = None) -> tuple[jax.Array, jax.Array]:
+                 lut: str, lut_ref: Any = None, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The even and odd columns of a dequantized tile, ``dtype [r, h]`` each, from packed uint8
     ``[r, h]`` (high nibbles are the even elements) and float32 per-row scales ``[r]``: no
-    interleave, for kernels that pair them with the even/odd columns of the other operand."""
+    interleave, for kernels that pair them with the even/odd columns of the other operand.
+
+    With ``lut="prmt"`` a bf16/f16 tile is scaled in that type (one more rounding than the
+    float32 product of the other modes: within 1.5 ulp of it); a float32 tile is the float16
+    table value times the float32 scale. ``interpret``: the kernel runs in interpret mode."""
+    if lut in ("prmt", "prmt32"):
+        pd = _prmt_dtype(dtype) if lut == "prmt" else jnp.dtype(jnp.float16)
+        if pd == jnp.dtype(dtype) and lut == "prmt":
+            return byte_lut.decode_pairs(packed, spec.code_table, pd, scales[:, None], interpret=interpret)
+        even, odd = byte_lut.decode_pairs(packed, spec.code_table, pd, interpret=interpret)
+        s = scales[:, None]
+        return ((even.astype(jnp.float32) * s).astype(dtype), (odd.astype(jnp.float32) * s).astype(dtype))
     b = packed.astype(jnp.int32)
     s = scales[:, None]
     return ((code_values(b >> 4, spec, lut, lut_ref) * s).astype(dtype),
@@ -326,13 +352,19 @@ class ScaleRefs:
 
 
 def dequant_tile(spec: QuantSpec, packed: jax.Array, scales: jax.Array, dtype: Any,
-                 lut: str, lut_ref: Any = None) -> jax.Array:
+                 lut: str, lut_ref: Any = None, *, interpret: bool = False) -> jax.Array:
     """Dequantized weight tile ``dtype [r, 2h]`` from packed uint8 ``[r, h]`` and float32
     per-row scales ``[r]`` (the tile lies inside one block along k).
 
     ``lut``: one of `LUT_MODES` ("gather" loads from the 16-entry ``lut_ref``).
-    Values are computed in float32 (``code_value * absmax``) and rounded once to ``dtype``.
+    Values are computed in float32 (``code_value * absmax``) and rounded once to ``dtype``,
+    except with "prmt" (see `dequant_pair`), whose halves are interleaved by a stack + reshape
+    (``tt.join``: register-local).
     """
+    if lut in ("prmt", "prmt32"):
+        even, odd = dequant_pair(spec, packed, scales, dtype, lut, interpret=interpret)
+        r, h = packed.shape
+        return jnp.stack([even, odd], axis=-1).reshape(r, 2 * h)
     vals = code_values(unpack_codes(packed), spec, lut, lut_ref)
     return (vals * scales[:, None]).astype(dtype)
 

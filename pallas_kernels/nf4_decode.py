@@ -15,13 +15,14 @@ Backend: Triton lowering of ``pl.pallas_call`` with explicit ``CompilerParams`` 
 `pallas_kernels.nf4_matmul`): a memory-bound streaming kernel needs no wgmma, and Triton's
 vectorised, pipelined loads are what it needs; it is also checkable in CPU interpret mode.
 
-Measured (H100, jax 0.11.2, NF4 + double quant, device-side): K=4096 N=11008 M=1 0.0736 ms
-(316 GB/s, 11% of the 2.9 TB/s copy rate) = 2.3x cuBLAS bf16 and 2.9x faster than plain XLA
-dequantize→dot (0.216 ms), but 2.7x slower than bitsandbytes' gemv (0.0276 ms); M=16 0.0704 ms,
-level with bitsandbytes. It is not bandwidth-bound: ~25 integer/select instructions a weight for
-the select-tree LUT plus the per-block chain of dependent loads (8-bit code -> table -> second-level
-scale) keep it at a tenth of the byte rate; bitsandbytes looks the code up in shared memory,
-which Pallas' Triton path cannot address.
+Measured (H200, jax 0.11.2, NF4 + double quant, device-side, 2026-12-01; the tuning table's
+config: 64 weight rows, 128-wide K steps, 8 K splits, 4 warps, "prmt" lookup): K=4096 N=11008
+M=1 0.0359 ms = 1.36x XLA cuBLAS bf16 (0.0264 ms; 648 GB/s of packed weight), bitsandbytes'
+gemv 0.0269 ms in the same run, plain XLA dequantize->dot 0.211 ms; M=16 0.0367 ms = 1.53x
+bf16, 1.9x faster than bitsandbytes (0.0703 ms). The H100 "tree" kernel of 2026-11-23 took
+0.0736 ms at M=1. Not yet bandwidth-bound: Nsight Compute shows ~16-22% occupancy (114-128
+registers a thread) and the memory pipe at 18-57%, so latency, not the byte rate or the
+lookup, is what is left (the target, 0.40x bf16, needs ~2.5 TB/s).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ MAX_M = 16  # rows of x the decode kernel handles (a dot pads M to 16)
 _DOT_M = 16
 
 
-def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, steps_per_split: int):
+def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, steps_per_split: int,
+            interpret: bool):
     *w_refs, o_ref = refs
     codes_ref, scale_refs, lut_ref = _common.split_weight_refs(spec, w_refs[:n_in], cfg.lut)
     bn, bk = cfg.block_n, cfg.block_k
@@ -64,7 +66,8 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
         wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
         scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
-        return _common.dequant_tile(spec, wp, scales, dtype, cfg.lut, lut_ref)
+        return _common.dequant_tile(spec, wp, scales, dtype, cfg.lut, lut_ref,
+                                         interpret=interpret)
 
     if cfg.use_dot:
         mask_x = (jnp.arange(mp) < m)[:, None] if m < mp else None
@@ -96,7 +99,8 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
                 wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
                 scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
                 # float32 weights: no rounding of the weight at all
-                w_even, w_odd = _common.dequant_pair(spec, wp, scales, jnp.float32, cfg.lut, lut_ref)
+                w_even, w_odd = _common.dequant_pair(spec, wp, scales, jnp.float32, cfg.lut, lut_ref,
+                                         interpret=interpret)
                 for r in range(m):
                     row = jnp.full((1, 1), r, jnp.int32)
                     x_even = pltriton.load(x_ref.at[row, kk + cols]).astype(jnp.float32)
@@ -165,7 +169,8 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
     split_k = -(-total // steps)  # no empty splits
     config = config.replace(split_k=split_k)
     ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, config.lut)
-    kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, steps_per_split=steps)
+    kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, steps_per_split=steps,
+                               interpret=interpret)
     if split_k > 1:
         out_shape = jax.ShapeDtypeStruct((split_k, m, spec.n), jnp.float32)
     else:

@@ -3,8 +3,8 @@
 ``W`` is the packed 4-bit ``[N, K]`` weight (see `pallas_kernels._common`); ``x`` is bf16 (or
 f16/f32), accumulation is float32, ``y`` has ``x``'s dtype. The bf16 weight never exists in
 device memory: each program loads the packed bytes of a ``block_n × block_k`` tile, decodes the
-4-bit codes (select tree on the 16 constants) and the block scales (double quant decoded here,
-once per 64-element block), and feeds the tensor cores.
+4-bit codes (``lut``: by default byte permutes, `pallas_kernels.byte_lut`) and the block scales
+(double quant decoded here, once per 64-element block), and feeds the tensor cores.
 
 Backend: the Triton lowering of ``pl.pallas_call`` with explicit ``CompilerParams``. It runs
 under ``interpret=True`` on CPU (so CI checks the exact kernel body), lowers the same on jax
@@ -17,13 +17,15 @@ kernel and cannot be checked in CPU interpret mode with a register A operand; it
 Masking: rows of ``x`` past M and rows of ``W`` past N are masked on load and store (they only
 touch outputs that are not stored); K needs no mask because ``K % block_k == 0`` is enforced.
 
-Measured (H100, jax 0.11.2, K=4096 N=11008 M=4096, best swept tile 256×128×64, 8 warps): 1.88 ms
-= 3.6x cuBLAS bf16 (0.52 ms) at 196 TFLOP/s, while plain XLA dequantize→dot takes 0.75 ms; so
-`pallas_kernels.supported` declines this kernel and XLA serves training shapes. The cost is the
-decode, not the bytes: each weight is decoded once per row tile (M / block_m times) at ~25
-integer/select instructions (the 16-entry select tree), which at these sizes is more issue time
-than the wgmma work; a Mosaic GPU kernel with warp specialisation and a byte-permute LUT is the
-way to parity.
+Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-01, best of 10 swept tiles: 256×128×64,
+8 warps, 3 stages, "prmt" lookup): 1.34 ms = 2.55x XLA cuBLAS bf16 (0.526 ms, 275 TFLOP/s);
+plain XLA dequantize->dot 0.70 ms; bitsandbytes 0.54 ms; the "tree" lookup 1.87 ms. So
+`pallas_kernels.supported` declines this kernel and XLA serves training shapes. With the lookup
+down to ~3.5 instructions a weight the kernel is now latency-bound, not issue-bound: Nsight
+Compute shows 236 registers a thread, one 8-warp program an SM (12.5% occupancy), 30% SM and
+50% memory throughput, and warps stalled at CTA barriers. Closing the gap needs overlap of the
+decode with the MMAs (warp specialisation: producer warps decoding into shared memory while
+consumer warpgroups run wgmma), which this Triton path cannot express.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from pallas_kernels.tuning import TileConfig
 __all__ = ["nf4_matmul", "nf4_matmul_reference"]
 
 
-def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int):
+def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, interpret: bool):
     *w_refs, o_ref = refs
     codes_ref, scale_refs, lut_ref = _common.split_weight_refs(spec, w_refs[:n_in], cfg.lut)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -62,7 +64,8 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int):
             ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
             wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
             scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
-            w = _common.dequant_tile(spec, wp, scales, xt.dtype, cfg.lut, lut_ref)
+            w = _common.dequant_tile(spec, wp, scales, xt.dtype, cfg.lut, lut_ref,
+                                         interpret=interpret)
             acc += jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())),
                                        preferred_element_type=jnp.float32)
         return acc
@@ -101,7 +104,7 @@ def nf4_matmul(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
         raise ValueError(f"block_k={bk} must be a power of two dividing k={spec.k}; x has shape {x.shape}")
     ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, config.lut)
     grid = (pl.cdiv(m, config.block_m) * pl.cdiv(spec.n, config.block_n),)
-    kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in)
+    kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, interpret=interpret)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, spec.n), x.dtype),

@@ -14,9 +14,10 @@ Masking: N is the reduction here, so both the ``dy`` columns and the weight rows
 loaded as 0 (a NaN there would otherwise reach valid outputs); rows past M and column sub-tiles
 past K are masked on load and store.
 
-Measured (H100, jax 0.11.2, K=4096 N=11008 M=4096, tile 256×128, 128-wide output, 8 warps):
-1.88 ms = 3.6x cuBLAS bf16 (0.52 ms); plain XLA dequantize→dot takes 0.68 ms, so
-`pallas_kernels.supported` declines it (same bottleneck as the forward kernel).
+Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-01, tile 256×128, 128-wide output,
+8 warps, "prmt" lookup): 1.33 ms = 2.50x XLA cuBLAS bf16 (0.535 ms); plain XLA dequantize->dot
+0.66 ms ("tree": 1.94 ms), so `pallas_kernels.supported` declines it (the same latency bound as
+the forward kernel).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def _and(a, b):
     return a & b
 
 
-def _kernel(dy_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int):
+def _kernel(dy_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, interpret: bool):
     *w_refs, o_ref = refs
     codes_ref, scale_refs, lut_ref = _common.split_weight_refs(spec, w_refs[:n_in], cfg.lut)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
@@ -74,7 +75,8 @@ def _kernel(dy_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int):
             ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
             wp = ws[...] if rows_ok is None else pltriton.load(ws, mask=rows_ok[:, None], other=0)
             scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, rows_ok)
-            w = _common.dequant_tile(spec, wp, scales, dyt.dtype, cfg.lut, lut_ref)
+            w = _common.dequant_tile(spec, wp, scales, dyt.dtype, cfg.lut, lut_ref,
+                                         interpret=interpret)
             new.append(accs[j] + jax.lax.dot_general(dyt, w, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32))
         return tuple(new)
@@ -118,7 +120,7 @@ def nf4_matmul_dx(dy: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sca
         raise ValueError(f"dy has {dy.shape[1]} columns, need n={spec.n}")
     ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, config.lut)
     grid = (pl.cdiv(m, config.block_m) * pl.cdiv(spec.k, config.block_k),)
-    kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in)
+    kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, interpret=interpret)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((m, spec.k), dy.dtype),

@@ -31,6 +31,7 @@ import pallas_kernels as pk
 from pallas_kernels import _common
 from pallas_kernels.tuning import TileConfig
 from qlora_jax import formats, quantize, dequantize
+from triton_lowering import lowers_for_h100
 
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
@@ -157,6 +158,8 @@ FORWARD_CASES = [
     (10, 64, 128, 256, 64, 256, "nf4", TileConfig(block_m=32, block_n=64, block_k=64, lut="poly")),
     (11, 37, 72, 256, 32, 64, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="gather")),
     (12, 20, 48, 256, 128, None, "fp4", TileConfig(block_m=16, block_n=16, block_k=64, group_m=2)),
+    (13, 64, 128, 256, 64, 256, "nf4", TileConfig(block_m=32, block_n=64, block_k=128, lut="prmt")),
+    (14, 37, 72, 256, 32, None, "fp4", TileConfig(block_m=16, block_n=32, block_k=64, lut="prmt")),
 ]
 
 
@@ -174,6 +177,8 @@ DECODE_CASES = [
     (21, 3, 64, 128, 32, None, TileConfig(block_n=16, block_k=64, split_k=1, use_dot=False)),
     (22, 7, 80, 256, 64, 64, TileConfig(block_n=32, block_k=64, split_k=2, use_dot=True, lut="gather")),
     (23, 16, 64, 256, 128, None, TileConfig(block_n=64, block_k=64, split_k=1, use_dot=True, lut="poly")),
+    (24, 1, 72, 256, 64, 256, TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt")),
+    (25, 9, 80, 256, 32, 64, TileConfig(block_n=16, block_k=64, split_k=1, use_dot=True, lut="prmt")),
 ]
 
 
@@ -191,6 +196,7 @@ DX_CASES = [
     # ragged everywhere: M % 16, N % 32 (the reduction), K % 128 (a whole 64-wide sub-tile past K)
     (31, 37, 72, 192, 32, 64, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="gather")),
     (32, 20, 48, 256, 128, None, "int4", TileConfig(block_m=16, block_n=16, block_k=64)),
+    (33, 37, 72, 192, 64, 256, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="prmt")),
 ]
 
 
@@ -230,6 +236,39 @@ def test_matmul_nt_and_nn_forward_path():
     dy, dy64 = p.activations(40, 80, pad_cols=0)
     dx = pk.matmul_nn(dy, *p.arrays, **_layout(p), interpret=INTERPRET)
     check(dx, (40, 192), pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec), dy64 @ p.w64)
+
+
+LOWERING_CASES = [
+    # op, m, n, k, block_size, dq_block_size, dtype, config
+    ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="prmt")),
+    ("forward", 64, 128, 256, 64, None, jnp.float16, TileConfig(block_m=64, block_n=64, block_k=64, lut="prmt32")),
+    ("input_grad", 300, 200, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=64, block_n=64, block_k=128, lut="prmt")),
+    ("decode", 1, 200, 512, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=32, block_k=256, split_k=1, use_dot=True, lut="prmt")),
+    ("decode", 3, 200, 512, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt")),
+    ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="tree")),
+]
+
+
+@pytest.mark.parametrize("op,m,n,k,bs,dqbs,dtype,cfg", LOWERING_CASES)
+def test_kernels_lower_to_triton(op, m, n, k, bs, dqbs, dtype, cfg):
+    """Each kernel, with each lookup, lowers to verified Triton IR for an H100 (the interpreter
+    cannot show that: it runs the jnp model of the inline PTX, and accepts ops Triton has no
+    rule for)."""
+    spec = _common.make_spec(n, k, bs, dqbs, formats.get_format("nf4").values)
+    nb = n * k // bs
+    w = [jax.ShapeDtypeStruct((n * k // 2,), jnp.uint8),
+         jax.ShapeDtypeStruct((nb,), jnp.uint8 if dqbs else jnp.float32)]
+    w += [jax.ShapeDtypeStruct((-(-nb // dqbs),), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)] if dqbs else []
+    fn = {"forward": pk.nf4_matmul, "input_grad": pk.nf4_matmul_dx, "decode": pk.nf4_decode}[op]
+    rows = n if op == "input_grad" else k
+
+    def call(a, codes, absmax, *dq):
+        scale, offset = dq if dq else (None, None)
+        return fn(a, codes, absmax, scale, offset, spec=spec, config=cfg)
+
+    lowers_for_h100(call, jax.ShapeDtypeStruct((m, rows), dtype), *w)
 
 
 def test_supported():

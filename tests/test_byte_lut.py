@@ -1,0 +1,171 @@
+"""The byte-permute lookup (`pallas_kernels.byte_lut`): its jnp model against the code tables on
+every byte value, the model of ``prmt`` against the PTX ISA's definition, and (marked ``gpu``)
+the PTX the kernels emit against the model, compiled for real inside a Pallas kernel."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _common, byte_lut
+from qlora_jax import formats
+from triton_lowering import lowers_for_h100
+
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+ON_GPU = jax.default_backend() == "gpu"
+TABLES = {name: tuple(float(v) for v in formats.get_format(name).values) for name in formats.FORMATS}
+
+
+@pytest.fixture(autouse=True)
+def _skip_gpu_tests_off_gpu(request):
+    if request.node.get_closest_marker("gpu") and not ON_GPU:
+        pytest.skip("needs a GPU (jax.default_backend() == 'gpu')")
+
+
+def _tile(seed: int) -> np.ndarray:
+    """uint8 [64, 32] (Triton tiles have power-of-two sizes): every byte value in every position
+    of a 4-byte word, then random bytes."""
+    rng = np.random.default_rng(seed)
+    every = np.arange(256, dtype=np.uint8)
+    shifted = np.concatenate([np.roll(every, s) for s in range(4)])   # each value at each offset
+    return np.concatenate([shifted, rng.integers(0, 256, 1024, dtype=np.uint8)]).reshape(64, 32)
+
+
+def _scales(shape, dtype, seed):
+    s = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return np.asarray(jnp.asarray(s, dtype).astype(jnp.float32))
+
+
+def _bits(a) -> np.ndarray:
+    a = np.asarray(a)
+    return a.view(np.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _ref_pairs(packed, table, dtype, scale):
+    t = np.asarray(table, np.float32)
+    even = t[packed >> 4].astype(dtype)
+    odd = t[packed & 0xF].astype(dtype)
+    if scale is not None:   # 16-bit * 16-bit is exact in float32: one rounding, as fma.rn
+        even = (np.asarray(even, np.float32) * scale).astype(dtype)
+        odd = (np.asarray(odd, np.float32) * scale).astype(dtype)
+    return even, odd
+
+
+@pytest.mark.parametrize("fmt", sorted(TABLES))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_pairs_model_matches_table(fmt, dtype, scaled):
+    packed = _tile(1)
+    scale = _scales(packed.shape, dtype, 2) if scaled else None
+    got = byte_lut.decode_pairs(jnp.asarray(packed), TABLES[fmt], dtype,
+                                None if scale is None else jnp.asarray(scale, dtype), interpret=True)
+    for g, r in zip(got, _ref_pairs(packed, TABLES[fmt], dtype, scale)):
+        np.testing.assert_array_equal(_bits(g), _bits(r))
+
+
+@pytest.mark.parametrize("fmt", sorted(TABLES))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_words_model_matches_float32_product(fmt, dtype):
+    packed = _tile(3)
+    scale = np.abs(np.random.default_rng(4).standard_normal(packed.shape)).astype(np.float32) * 3
+    got = byte_lut.decode_words(jnp.asarray(packed), TABLES[fmt], dtype, jnp.asarray(scale), interpret=True)
+    t = np.asarray(TABLES[fmt], np.float32)
+    lo = (t[packed >> 4] * scale).astype(dtype).view(np.uint16).astype(np.uint32)
+    hi = (t[packed & 0xF] * scale).astype(dtype).view(np.uint16).astype(np.uint32)
+    np.testing.assert_array_equal(np.asarray(got).view(np.uint32), lo | (hi << 16))
+
+
+def _prmt_isa(a: int, b: int, c: int) -> int:
+    """PTX ISA prmt.b32 (generic mode), written from the definition, one word at a time."""
+    src = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+    d = 0
+    for i in range(4):
+        s = (c >> 4 * i) & 0xF
+        byte = src[s & 7]
+        if s & 8:
+            byte = 0xFF if byte & 0x80 else 0x00
+        d |= byte << 8 * i
+    return d
+
+
+def test_prmt_model_matches_isa_definition():
+    rng = np.random.default_rng(5)
+    a, b, c = (rng.integers(0, 2**32, 2000, dtype=np.uint64).astype(np.uint32) for _ in range(3))
+    got = np.asarray(byte_lut._prmt(jnp.asarray(a), jnp.asarray(b), jnp.asarray(c)))
+    want = np.array([_prmt_isa(int(x), int(y), int(z)) for x, y, z in zip(a, b, c)], np.uint32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_ptx_text_names_every_operand():
+    prog = byte_lut.pairs_program(TABLES["nf4"], "bfloat16", True)
+    text = prog.ptx()
+    assert text.startswith("{") and text.rstrip().endswith("}")
+    for i in range(prog.n_out + prog.n_in):
+        assert f"${i}" in text
+    assert "fma.rn.bf16x2" in text and "prmt.b32" in text
+    words = byte_lut.words_program(TABLES["nf4"], "float16").ptx()
+    assert "cvt.rn.f16x2.f32" in words and "mul.rn.f32" in words
+
+
+def test_bad_tiles_raise():
+    with pytest.raises(ValueError, match="uint8"):
+        byte_lut.decode_pairs(jnp.zeros((4, 6), jnp.uint8), TABLES["nf4"], jnp.bfloat16, interpret=True)
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+        byte_lut.decode_pairs(jnp.zeros((4, 8), jnp.uint8), TABLES["nf4"], jnp.float32, interpret=True)
+
+
+# ------------------------------------------------------------------------------------------
+# Compiled (GPU)
+
+
+def _run_in_kernel(fn, packed, *extra, out_shapes):
+    """``fn(packed_tile, *extra_tiles)`` inside a one-program Pallas (Triton) kernel."""
+    def kernel(*refs):
+        ins, outs = refs[: 1 + len(extra)], refs[1 + len(extra):]
+        res = fn(*(r[...] for r in ins))
+        for o, v in zip(outs, res):
+            o[...] = v
+
+    return pl.pallas_call(kernel, out_shape=out_shapes, grid=(1,),
+                          compiler_params=_common.compiler_params(4, 1))(packed, *extra)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", sorted(TABLES))
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_gpu_ptx_matches_model(fmt, dtype):
+    packed = jnp.asarray(_tile(6))
+    scale = jnp.asarray(_scales(packed.shape, dtype, 7), dtype)
+    shp = [jax.ShapeDtypeStruct(packed.shape, dtype)] * 2
+    for sc in (None, scale):
+        fn = functools.partial(byte_lut.decode_pairs, values=TABLES[fmt], dtype=dtype, interpret=False)
+        got = _run_in_kernel(lambda p, *s: fn(p, scale=s[0] if s else None), packed,
+                             *(() if sc is None else (sc,)), out_shapes=shp)
+        want = byte_lut.decode_pairs(packed, TABLES[fmt], dtype, sc, interpret=True)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(_bits(g), _bits(w))
+    s32 = jnp.asarray(np.abs(_scales(packed.shape, jnp.float32, 8)))
+    got = _run_in_kernel(lambda p, s: (byte_lut.decode_words(p, TABLES[fmt], dtype, s, interpret=False),),
+                         packed, s32, out_shapes=[jax.ShapeDtypeStruct(packed.shape, jnp.int32)])[0]
+    want = byte_lut.decode_words(packed, TABLES[fmt], dtype, s32, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_ptx_kernels_lower_to_triton(dtype):
+    """The kernels of `test_gpu_ptx_matches_model` lower to verified Triton IR without a GPU."""
+    tile = jax.ShapeDtypeStruct((64, 32), jnp.uint8)
+    shp = [jax.ShapeDtypeStruct(tile.shape, dtype)] * 2
+    fn = functools.partial(byte_lut.decode_pairs, values=TABLES["nf4"], dtype=dtype, interpret=False)
+    lowers_for_h100(lambda p: _run_in_kernel(fn, p, out_shapes=shp), tile)
+    lowers_for_h100(lambda p, s: _run_in_kernel(lambda p, s: fn(p, scale=s), p, s, out_shapes=shp),
+                    tile, jax.ShapeDtypeStruct(tile.shape, dtype))
+    words = lambda p, s: (byte_lut.decode_words(p, TABLES["nf4"], dtype, s, interpret=False),)  # noqa: E731
+    lowers_for_h100(lambda p, s: _run_in_kernel(words, p, s, out_shapes=[jax.ShapeDtypeStruct(tile.shape, jnp.int32)]),
+                    tile, jax.ShapeDtypeStruct(tile.shape, jnp.float32))
