@@ -34,14 +34,16 @@ In-kernel details that keep the bytes equal to the XLA path:
   Inf/NaN gets a NaN absmax (as in the XLA path); a block whose largest value is subnormal
   (only possible for bf16) stores absmax 0, as XLA:CPU (which flushes denormals) does. XLA:GPU
   may store that subnormal itself; the codes are the zero code either way.
-- The reciprocal is computed exactly with integer long division of ``2**47`` by the 24-bit
-  mantissa (three 8-bit steps in uint32), not with a float division (Triton's and XLA:GPU's
-  float32 division is approximate). Exact for ``absmax < 2**126``; at ``2**126`` it is
-  ``2**-126``, above that 0 (the XLA path's result there is an artefact of flushing; no weight
-  comes near 8.5e37).
-- No float add follows a multiply anywhere, so FMA contraction cannot change a result. The
-  ``[-1, 1]`` clip of the XLA path is left out: it cannot change a finite value's rank (every
-  midpoint lies strictly inside ``(-1, 1)``).
+- The reciprocal is correctly rounded, not a float division (Triton's and XLA:GPU's float32
+  division is approximate): IEEE ``rcp.rn.f32`` on the GPU, and in the interpreter and the
+  references integer long division of ``2**47`` by the 24-bit mantissa (three 8-bit steps in
+  uint32), the same bits. At ``2**126`` it is ``2**-126``, above that 0 (the XLA path's result
+  there is an artefact of flushing; no weight comes near 8.5e37).
+- The code of a scaled value ``v`` is the number of midpoints below it, counted exactly
+  (`_encode_count`); a subnormal ``v`` counts as 0, as XLA:CPU's flushing compare sees it. The
+  only float adds after multiplies add exact small integers or an exactly scaled ``v``, so FMA
+  contraction cannot change a result. The ``[-1, 1]`` clip of the XLA path is left out: it
+  cannot change a finite value's rank (every midpoint lies strictly inside ``(-1, 1)``).
 - Codes of a block holding Inf/NaN are unspecified (its absmax is NaN, which marks it).
 - Float32 input stays on the XLA path: it has no free two-elements-per-word view.
 
@@ -51,15 +53,32 @@ need no wgmma or TMA, only wide coalesced loads and stores and register math, wh
 generates; the same kernel body runs in CPU interpret mode for the tests, and the lowering is
 the same on jax 0.11.2 and 0.12.
 
+Where the instructions go (Nsight Compute on an H200, 2026-12-01): the first versions were
+bound by the integer/logic pipe (SM throughput 92%, memory 34%; "waiting for the execution
+pipe"), which issues at half the FMA pipe's rate on Hopper. So the hot paths now avoid it:
+
+- quantize encodes by counting midpoints with saturating FMAs (`_encode_count`: one compare
+  and 8 selects a value for sorted tables, none for FP4), and takes the block reciprocal from
+  one IEEE ``rcp.rn.f32`` (the same correctly rounded bits as the integer long division of
+  `_exact_reciprocal`, which the interpreter and the references still use);
+- dequantize looks codes up by byte permutes (``lut="prmt"``, `pallas_kernels.byte_lut`: the
+  exact float32 table values, times the scale, rounded once: the same bits as "tree").
+
+Both reach the GPU as inline PTX; in interpret mode the same arithmetic runs as jnp, so the CPU
+tests check the algorithm bit for bit and the GPU tests the PTX.
+
 Tuning knobs are arguments: ``rows_per_program`` (default: a tile of ~4K elements, `default_rows`),
 ``num_warps`` (default 4 for tiles up to 4K elements, else 8), ``num_stages`` (1: no loop
-to pipeline). The defaults are the best of the tile sweep on an H200
-(``experiments/bench_quantize.py --sweep``, block 64: rows 32..512 x warps 4..16).
+to pipeline), ``tiles_per_program`` (default 1: consecutive tiles walked in a loop, with
+``num_stages > 1`` to prefetch; it did not help on the H200). The defaults are the best of the
+tile sweeps on an H200 (``experiments/bench_quantize.py --sweep``).
 
-Measured (H200, jax 0.11.2, 8192 x 8192 bf16, block 64, in TB/s of bf16 input; XLA path in
-brackets): quantize NF4 1.15 (0.72), dequantize NF4 1.03 (0.46), FP4 1.05 / 1.05 (0.48 / 0.45),
-NF4 + double quant 0.94 / 0.97 (0.56 / 0.45); the sweep's best tile 1.21 / 1.07. A torch device
-copy moves 4.07 TB/s there, so these kernels use about 35% of the bandwidth (benchmarks/README.md).
+Measured (H200, jax 0.11.2, 8192 x 8192 bf16, block 64, TB/s of bf16 input, device time of calls
+in a jitted loop, 2026-12-01; XLA path in brackets): quantize NF4 1.86 (0.80), FP4 1.66 (0.54),
+NF4 + double quant 1.33 (0.58); dequantize NF4 2.97 (0.56), NF4 + double quant 2.80, FP4 3.12.
+A torch ``copy_`` moves 4.08 TB/s there (bytes read + written), so 40% of it is 1.63 TB/s of
+input; the first-level kernels clear it, NF4 + double quant does not yet (its offset mean and
+second level add ~29 µs to the 72 µs of the first level; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -75,7 +94,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import _common
+from pallas_kernels import _common, byte_lut
 
 __all__ = [
     "CodeTables",
@@ -105,6 +124,9 @@ DQ_BLOCK_SIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 # offset, including those of masked rows past the end, far below 2**31.
 MAX_ELEMENTS = 2**31
 _TILE_ELEMENTS = 4096
+# How the dequantize kernel looks up a code's value (see `dequantize_blocks_pallas`).
+DEQUANT_LUTS = ("prmt", "tree")
+DEQUANT_LUT = "prmt"
 
 # Bit pattern of +Inf of each 16-bit input format (a sign-cleared pattern >= it is Inf or NaN),
 # and the smallest normal bf16 pattern (below it a bf16 is zero or subnormal in float32 too).
@@ -180,7 +202,9 @@ def default_rows(block_size: int, n_blocks: int | None = None) -> int:
     return rows
 
 
-def _check_launch(rows: int, num_warps: int, num_stages: int) -> None:
+def _check_launch(rows: int, num_warps: int, num_stages: int, tiles: int = 1) -> None:
+    if not isinstance(tiles, (int, np.integer)) or tiles < 1:
+        raise ValueError(f"tiles_per_program must be a positive int, got {tiles!r}")
     if not isinstance(rows, (int, np.integer)) or rows < 1 or rows & (rows - 1):
         raise ValueError(f"rows_per_program must be a power of two >= 1, got {rows!r}")
     if num_warps not in (1, 2, 4, 8, 16, 32):
@@ -229,6 +253,91 @@ def _encode(scaled: jax.Array, tables: CodeTables) -> jax.Array:
     return _select_tree(bits, [np.int32(c) for c in tables.order])
 
 
+def _f32_hex(v: float) -> str:
+    return "0f%08X" % int(np.float32(v).view(np.uint32))
+
+
+@functools.lru_cache(maxsize=32)
+def _count_terms(tables: CodeTables) -> tuple:
+    """The terms of the arithmetic encoder (`_encode_count`): per midpoint ``m`` a power of two
+    ``B >= 2**24 / 2**floor(log2 |m|)`` (2**126 for ``m == 0``) and ``C = -m * B`` (exact), so that
+    ``sat(v * B + C)`` is exactly 1 for every float ``v > m`` (``v - m`` is at least the spacing of
+    floats just above ``m``, ``2**(e - 24)``) and 0 for ``v <= m``, with subnormal ``v`` counted as 0
+    (flushed, as XLA:CPU's compare sees it).
+
+    Returns ``("split", m7, [(B, C_low, C_high)] * 7)`` for a sorted-identity table (NF4, Int4):
+    ``rank = 8 [v > m7] + sum_j sat(v B_j + C_j)``, the seven midpoints of the half ``v`` lies in;
+    else ``("linear", order[0], [(B, C, weight)] * 15)``: ``code = order[0] + sum_i weight_i *
+    sat(v B_i + C_i)`` with ``weight_i = order[i + 1] - order[i]`` (FP4's permuted codes)."""
+    mids = [float(m) for m in tables.midpoints]
+
+    def power(ms):
+        exps = [np.floor(np.log2(abs(m))) for m in ms if m != 0]
+        if len(exps) < len(ms):
+            return 2.0 ** 126
+        return 2.0 ** (24 - min(exps))
+
+    if tables.sorted_is_identity:
+        terms = []
+        for j in range(7):
+            b = power([mids[j], mids[8 + j]])
+            terms.append((b, -mids[j] * b, -mids[8 + j] * b))
+        return ("split", mids[7], tuple(terms))
+    terms = []
+    for i, m in enumerate(mids):
+        b = power([m])
+        w = tables.order[i + 1] - tables.order[i]
+        terms.append((b, -m * b, float(w)))
+    return ("linear", float(tables.order[0]), tuple(terms))
+
+
+def _encode_count(scaled: jax.Array, tables: CodeTables, interpret: bool) -> jax.Array:
+    """float32 code (an exact integer 0..15) of float32 scaled values: the same code as
+    `_encode`, counted with saturating FMAs instead of found by compares and selects.
+
+    Why: `_encode`'s ~22 compares and selects a value all go to the ALU pipe (compares, selects,
+    logic), which issues half as fast as the FMA pipe on Hopper and made the quantize kernel
+    pipe-bound. Here one compare and 8 selects (sorted tables) or none (FP4) remain, and 14-30
+    FMA-pipe operations do the rest (`_count_terms`). On the GPU one inline-PTX block a value
+    (``fma.rn.ftz.sat``); in interpret mode the same sums with jnp (``clip(v * B + C, 0, 1)``:
+    ``v * B`` is exact for a power of two ``B``, so the unfused form rounds the same)."""
+    kind, first, terms = _count_terms(tables)
+    if interpret:
+        def sat(b, c):
+            return jnp.clip(scaled * np.float32(b) + np.float32(c), np.float32(0), np.float32(1))
+
+        if kind == "split":
+            hi = scaled > np.float32(first)
+            acc = jnp.where(hi, np.float32(8), np.float32(0))
+            for b, c_lo, c_hi in terms:
+                c = jnp.where(hi, np.float32(c_hi), np.float32(c_lo))
+                acc = acc + jnp.clip(scaled * np.float32(b) + c, np.float32(0), np.float32(1))
+            return acc
+        acc = jnp.full(scaled.shape, np.float32(first))
+        for b, c, w in terms:
+            acc = acc + np.float32(w) * sat(b, c)
+        return acc
+    lines = ["{", ".reg .pred %p;", ".reg .f32 %c, %s, %a;"]
+    if kind == "split":
+        lines += [f"setp.gt.f32 %p, $1, {_f32_hex(first)};",
+                  f"selp.f32 %a, {_f32_hex(8.0)}, {_f32_hex(0.0)}, %p;"]
+        for b, c_lo, c_hi in terms:
+            lines += [f"selp.f32 %c, {_f32_hex(c_hi)}, {_f32_hex(c_lo)}, %p;",
+                      f"fma.rn.ftz.sat.f32 %s, $1, {_f32_hex(b)}, %c;",
+                      "add.rn.f32 %a, %a, %s;"]
+    else:
+        lines.append(f"mov.f32 %a, {_f32_hex(first)};")
+        for b, c, w in terms:
+            lines.append(f"fma.rn.ftz.sat.f32 %s, $1, {_f32_hex(b)}, {_f32_hex(c)};")
+            if w:
+                lines.append(f"fma.rn.f32 %a, %s, {_f32_hex(w)}, %a;")
+    lines += ["mov.f32 $0, %a;", "}"]
+    (code,) = pltriton.elementwise_inline_asm(
+        "\n".join(lines), args=[scaled], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(scaled.shape, jnp.float32)])
+    return code
+
+
 def _exact_reciprocal(a: jax.Array) -> jax.Array:
     """Correctly rounded float32 ``1 / a`` for float32 ``a`` in [2**-126, 2**126] (normal), by
     integer arithmetic only: ``1/a = (2**47 / am) * 2**(103 - ea)`` with ``am`` the 24-bit mantissa
@@ -255,6 +364,18 @@ def _exact_reciprocal(a: jax.Array) -> jax.Array:
     return jnp.where(ok, jax.lax.bitcast_convert_type(out, jnp.float32), jnp.float32(0))
 
 
+def _reciprocal(a: jax.Array, interpret: bool) -> jax.Array:
+    """`_exact_reciprocal` of normal float32 ``a``: on the GPU one IEEE ``rcp.rn.f32`` (correctly
+    rounded, the same bits; ~10 instructions where the integer long division takes ~60), with
+    the result past 2**126 set to 0 as there; in interpret mode the integer version itself."""
+    if interpret:
+        return _exact_reciprocal(a)
+    (r,) = pltriton.elementwise_inline_asm(
+        "rcp.rn.f32 $0, $1;", args=[a], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+    return jnp.where(a <= np.float32(2.0 ** 126), r, jnp.float32(0))
+
+
 def _halves_to_f32(w: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
     """float32 values of the low (even element) and high (odd element) halves of uint32 words."""
     if dtype == "bfloat16":
@@ -272,7 +393,7 @@ def _pattern_to_f32(bits: jax.Array, dtype: str) -> jax.Array:
     return jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
 
 
-def _block_scales(amax_bits: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
+def _block_scales(amax_bits: jax.Array, dtype: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
     """(absmax float32 [r], inverse scale float32 [r]) from the max |x| bit patterns of blocks."""
     absmax = _pattern_to_f32(amax_bits, dtype)
     if dtype == "bfloat16":
@@ -280,7 +401,7 @@ def _block_scales(amax_bits: jax.Array, dtype: str) -> tuple[jax.Array, jax.Arra
         absmax = jnp.where(amax_bits < _BF16_MIN_NORMAL, jnp.float32(0), absmax)
     absmax = jnp.where(amax_bits >= _INF_BITS[dtype], jnp.float32(jnp.nan), absmax)
     normal = absmax >= np.float32(2.0 ** -126)   # False for 0 and NaN
-    inv = jnp.where(normal, _exact_reciprocal(jnp.where(normal, absmax, jnp.float32(1))), jnp.float32(0))
+    inv = jnp.where(normal, _reciprocal(jnp.where(normal, absmax, jnp.float32(1)), interpret), jnp.float32(0))
     return absmax, inv
 
 
@@ -307,35 +428,61 @@ def _store(ref: Any, value: jax.Array, mask: jax.Array | None) -> None:
 # Quantize
 
 
-def _quantize_kernel(w_ref, *refs, tables: CodeTables, dtype: str, rows: int, n_blocks: int):
+def _tiles(body, rows: int, tiles: int, n_blocks: int) -> None:
+    """Runs ``body(r0, mask)`` on this program's ``tiles`` consecutive tiles of ``rows`` blocks
+    (a loop Triton software-pipelines when ``num_stages > 1``); ``mask`` is None when no tile
+    of any program can run past ``n_blocks``."""
+    first = pl.program_id(0) * (rows * tiles)
+    ragged = n_blocks % (rows * tiles) != 0
+    if tiles == 1:
+        body(first, _row_mask(first, rows, n_blocks) if ragged else None)
+        return
+
+    def step(t, carry):
+        r0 = first + t * rows
+        body(r0, (r0 + jnp.arange(rows, dtype=jnp.int32) < n_blocks) if ragged else None)
+        return carry
+
+    jax.lax.fori_loop(0, tiles, step, jnp.int32(0))
+
+
+def _quantize_kernel(w_ref, *refs, tables: CodeTables, dtype: str, rows: int, n_blocks: int,
+                     tiles: int, interpret: bool):
     packed_ref, absmax_ref = refs[-2:]   # any refs before them are aliased output buffers
+    _tiles(functools.partial(_quantize_tile, w_ref, packed_ref, absmax_ref, tables, dtype, rows,
+                             interpret), rows, tiles, n_blocks)
+
+
+def _quantize_tile(w_ref, packed_ref, absmax_ref, tables: CodeTables, dtype: str, rows: int,
+                   interpret: bool, r0: jax.Array, mask: jax.Array | None) -> None:
     half = w_ref.shape[1]
-    r0 = pl.program_id(0) * rows
-    mask = _row_mask(r0, rows, n_blocks)
     w = _load(w_ref.at[pl.ds(r0, rows), pl.ds(0, half)], mask)                  # uint32 [rows, half]
     # max |x| per block as an integer max of the sign-cleared 16-bit patterns of both halves
     mag = jnp.maximum(w & 0x7FFF, (w >> 16) & 0x7FFF).astype(jnp.int32)
-    absmax, inv = _block_scales(jnp.max(mag, axis=1), dtype)
+    absmax, inv = _block_scales(jnp.max(mag, axis=1), dtype, interpret)
     even, odd = _halves_to_f32(w, dtype)
-    code_even = _encode(even * inv[:, None], tables)
-    code_odd = _encode(odd * inv[:, None], tables)
-    packed = ((code_even << 4) | code_odd).astype(jnp.uint8)
+    code_even = _encode_count(even * inv[:, None], tables, interpret)
+    code_odd = _encode_count(odd * inv[:, None], tables, interpret)
+    # the byte 16 * even + odd, read off the mantissa of 2**23 + byte (exact small integers)
+    byte = jax.lax.bitcast_convert_type(code_even * np.float32(16) + code_odd + np.float32(2.0 ** 23),
+                                        jnp.int32)
+    packed = byte.astype(jnp.uint8)
     _store(packed_ref.at[pl.ds(r0, rows), pl.ds(0, half)], packed, mask)
     _store(absmax_ref.at[pl.ds(r0, rows)], absmax, mask)
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "block_size", "rows", "num_warps",
-                                             "num_stages", "interpret"))
+                                             "num_stages", "tiles", "interpret"))
 def _quantize_call(x: jax.Array, init: tuple[jax.Array, jax.Array] | None = None, *,
                    tables: CodeTables, block_size: int, rows: int, num_warps: int,
-                   num_stages: int, interpret: bool):
+                   num_stages: int, tiles: int = 1, interpret: bool):
     """The launch. ``init`` (tests): buffers (uint8 [nb, bs/2], float32 [nb]) the outputs start
     from (aliased), so that an element the kernel never writes keeps a known pattern."""
     n = x.size
     nb, half = n // block_size, block_size // 2
     words = jax.lax.bitcast_convert_type(x.reshape(-1, 2), jnp.uint32).reshape(nb, half)
     kernel = functools.partial(_quantize_kernel, tables=tables, dtype=jnp.dtype(x.dtype).name,
-                               rows=rows, n_blocks=nb)
+                               rows=rows, n_blocks=nb, tiles=tiles, interpret=interpret)
     out_shape = (jax.ShapeDtypeStruct((nb, half), jnp.uint8), jax.ShapeDtypeStruct((nb,), jnp.float32))
     args, aliases = [words], {}
     if init is not None:
@@ -344,7 +491,7 @@ def _quantize_call(x: jax.Array, init: tuple[jax.Array, jax.Array] | None = None
     packed, absmax = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(pl.cdiv(nb, rows),),
+        grid=(pl.cdiv(nb, rows * tiles),),
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=_common.compiler_params(num_warps, num_stages),
@@ -356,6 +503,7 @@ def _quantize_call(x: jax.Array, init: tuple[jax.Array, jax.Array] | None = None
 def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray | CodeTables,
                            block_size: int, *, rows_per_program: int | None = None,
                            num_warps: int | None = None, num_stages: int = 1,
+                           tiles_per_program: int = 1,
                            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Blockwise 4-bit quantization of a bf16/f16 array in one pass.
 
@@ -368,6 +516,8 @@ def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray
       rows_per_program: blocks a program (power of two; default `default_rows`).
       num_warps, num_stages: Triton launch parameters (default warps: 4 for tiles of up to 4K
         elements, else 8).
+      tiles_per_program: consecutive tiles a program walks in a loop (with ``num_stages > 1``
+        Triton prefetches the next tile's input while the current one is encoded).
       interpret: run in the Pallas interpreter (CPU tests).
     Returns:
       (packed uint8 [x.size // 2], first element of each pair in the high nibble;
@@ -381,9 +531,10 @@ def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray
     nb = x.size // block_size
     rows = default_rows(block_size, nb) if rows_per_program is None else rows_per_program
     warps = _default_warps(rows, block_size) if num_warps is None else num_warps
-    _check_launch(rows, warps, num_stages)
+    _check_launch(rows, warps, num_stages, tiles_per_program)
     return _quantize_call(x, tables=tables, block_size=int(block_size), rows=int(rows),
-                          num_warps=int(warps), num_stages=int(num_stages), interpret=bool(interpret))
+                          num_warps=int(warps), num_stages=int(num_stages),
+                          tiles=int(tiles_per_program), interpret=bool(interpret))
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,14 +542,24 @@ def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray
 
 
 def _dequantize_kernel(p_ref, a_ref, *refs, values: tuple[float, ...], dtype: str, rows: int,
-                       n_blocks: int):
+                       n_blocks: int, lut: str, tiles: int, interpret: bool):
     o_ref = refs[-1]   # a ref before it is an aliased output buffer
+    _tiles(functools.partial(_dequantize_tile, p_ref, a_ref, o_ref, values, dtype, rows, lut, interpret),
+           rows, tiles, n_blocks)
+
+
+def _dequantize_tile(p_ref, a_ref, o_ref, values: tuple[float, ...], dtype: str, rows: int, lut: str,
+                     interpret: bool, r0: jax.Array, mask: jax.Array | None) -> None:
     half = p_ref.shape[1]
-    r0 = pl.program_id(0) * rows
-    mask = _row_mask(r0, rows, n_blocks)
-    b = _load(p_ref.at[pl.ds(r0, rows), pl.ds(0, half)], mask).astype(jnp.int32)   # [rows, half]
+    packed = _load(p_ref.at[pl.ds(r0, rows), pl.ds(0, half)], mask)                # [rows, half]
     scale = _load(a_ref.at[pl.ds(r0, rows)], mask)[:, None]                          # [rows, 1]
     out_dtype = jnp.dtype(dtype)
+    if lut == "prmt":
+        words = byte_lut.decode_words(packed, values, out_dtype, scale, interpret=interpret)
+        _store(o_ref.at[pl.ds(r0, rows), pl.ds(0, half)], jax.lax.bitcast_convert_type(words, jnp.uint32),
+               mask)
+        return
+    b = packed.astype(jnp.int32)
 
     def bits(codes):
         v = (_common.select_lut(codes, values) * scale).astype(out_dtype)
@@ -409,14 +570,15 @@ def _dequantize_kernel(p_ref, a_ref, *refs, values: tuple[float, ...], dtype: st
 
 
 @functools.partial(jax.jit, static_argnames=("values", "dtype", "rows", "num_warps", "num_stages",
-                                             "interpret"))
+                                             "lut", "tiles", "interpret"))
 def _dequantize_call(packed: jax.Array, absmax: jax.Array, init: jax.Array | None = None, *,
                      values: tuple[float, ...], dtype: str, rows: int, num_warps: int,
-                     num_stages: int, interpret: bool):
+                     num_stages: int, lut: str = DEQUANT_LUT, tiles: int = 1, interpret: bool):
     """The launch. ``init`` (tests): a uint32 [nb, bs/2] buffer the output starts from (aliased)."""
     nb = absmax.size
     half = packed.size // nb
-    kernel = functools.partial(_dequantize_kernel, values=values, dtype=dtype, rows=rows, n_blocks=nb)
+    kernel = functools.partial(_dequantize_kernel, values=values, dtype=dtype, rows=rows, n_blocks=nb,
+                               lut=lut, tiles=tiles, interpret=interpret)
     args, aliases = [packed.reshape(nb, half), absmax.reshape(nb).astype(jnp.float32)], {}
     if init is not None:
         args.append(init.reshape(nb, half))
@@ -424,7 +586,7 @@ def _dequantize_call(packed: jax.Array, absmax: jax.Array, init: jax.Array | Non
     words = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((nb, half), jnp.uint32),
-        grid=(pl.cdiv(nb, rows),),
+        grid=(pl.cdiv(nb, rows * tiles),),
         input_output_aliases=aliases,
         interpret=interpret,
         compiler_params=_common.compiler_params(num_warps, num_stages),
@@ -437,6 +599,7 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
                              fmt: str | Sequence[float] | np.ndarray | CodeTables,
                              out_dtype: Any = jnp.bfloat16, *, rows_per_program: int | None = None,
                              num_warps: int | None = None, num_stages: int = 1,
+                             tiles_per_program: int = 1, lut: str = DEQUANT_LUT,
                              interpret: bool = False) -> jax.Array:
     """Decodes packed 4-bit codes with float32 block scales to bf16/f16 in one pass.
 
@@ -446,10 +609,16 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
       absmax: float32 [n_blocks] first-level scales (decode double quantization beforehand).
       fmt: the format (as in `quantize_blocks_pallas`).
       out_dtype: bfloat16 or float16.
-      rows_per_program, num_warps, num_stages, interpret: as in `quantize_blocks_pallas`.
+      rows_per_program, num_warps, num_stages, tiles_per_program, interpret: as in
+        `quantize_blocks_pallas`.
+      lut: how a code becomes its float32 table value: "prmt" (byte permutes on the packed
+        bytes, `pallas_kernels.byte_lut`; ~8 instructions a value with the multiply and
+        rounding) or "tree" (a select tree, ~25); both exact, so the bits are the same.
     Returns:
       ``out_dtype [n_blocks * block_size]``: ``table[code] * absmax`` in float32, rounded once.
     """
+    if lut not in DEQUANT_LUTS:
+        raise ValueError(f"lut must be one of {DEQUANT_LUTS}, got {lut!r}")
     tables = code_tables(fmt)
     out_dtype = jnp.dtype(out_dtype)
     if packed.dtype != jnp.uint8:
@@ -465,9 +634,10 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
                          f"{out_dtype}, {packed.size} bytes for {nb} blocks")
     rows = default_rows(block_size, nb) if rows_per_program is None else rows_per_program
     warps = _default_warps(rows, block_size) if num_warps is None else num_warps
-    _check_launch(rows, warps, num_stages)
+    _check_launch(rows, warps, num_stages, tiles_per_program)
     return _dequantize_call(packed, absmax, values=tables.values, dtype=out_dtype.name, rows=int(rows),
-                            num_warps=int(warps), num_stages=int(num_stages), interpret=bool(interpret))
+                            num_warps=int(warps), num_stages=int(num_stages), lut=lut,
+                            tiles=int(tiles_per_program), interpret=bool(interpret))
 
 
 # --------------------------------------------------------------------------------------------
