@@ -276,38 +276,43 @@ def bench_shape(k: int, n: int, ms: list[int], check: bool, loop_step_s: float,
 
 
 def sweep_candidates(op: str, m: int) -> list:
+    """Tile configurations to try: the "prmt" byte-permute LUT over tiles and pipelining, and
+    the earlier best "tree" configuration of each op as the baseline beside them."""
     from pallas_kernels.tuning import TileConfig as C
 
     if op == "decode":
-        dot = m > 4
-        if m == 1:
-            grid = [(32, 64, 8, 2, "tree"), (32, 64, 8, 2, "poly"), (32, 128, 8, 4, "poly"), (64, 64, 8, 4, "poly"),
-                    (16, 128, 8, 2, "poly"), (64, 128, 4, 4, "poly")]
-        elif m <= 4:
-            grid = [(32, 64, 8, 4, "poly"), (16, 64, 8, 2, "poly"), (32, 64, 8, 2, "poly"), (32, 64, 8, 2, "tree")]
-        else:
-            grid = [(32, 64, 8, 2, "tree"), (32, 64, 8, 2, "poly"), (64, 64, 8, 4, "poly"), (32, 128, 8, 4, "poly"),
-                    (64, 128, 4, 4, "poly")]
-        cands = [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=3, lut=lut, use_dot=dot)
-                 for bn, bk, sk, nw, lut in grid]
+        # block_n, block_k, split_k, warps, stages, use_dot, lut (round 2 of the H200 sweep,
+        # around round 1's best: 64 rows, 128-wide K steps, 8 splits, 4 warps)
+        grid = [(32, 64, 8, 2, 3, m > 4, "tree"), (64, 128, 8, 4, 3, True, "prmt"),
+                (64, 128, 16, 4, 3, True, "prmt"), (64, 64, 16, 4, 3, True, "prmt"),
+                (128, 128, 8, 4, 3, True, "prmt"), (128, 128, 8, 8, 3, True, "prmt"),
+                (64, 128, 8, 8, 3, True, "prmt"), (64, 128, 8, 4, 2, True, "prmt"),
+                (64, 256, 8, 4, 3, True, "prmt"), (128, 64, 16, 4, 4, True, "prmt"),
+                (32, 128, 16, 4, 3, True, "prmt")]
         if m <= 4:
-            cands.append(C(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="poly", use_dot=True))
-        return cands
+            grid += [(64, 128, 8, 4, 3, False, "prmt"), (32, 128, 8, 4, 3, False, "prmt")]
+        return [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns, lut=lut, use_dot=dot)
+                for bn, bk, sk, nw, ns, dot, lut in grid]
     if op == "forward":
         return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
                 for bm, bn, bk, nw, ns, lut in [
-                    (256, 128, 64, 8, 3, "tree"), (256, 128, 64, 8, 3, "poly"), (128, 128, 64, 4, 3, "poly"),
-                    (128, 256, 64, 8, 3, "poly")]]
+                    (256, 128, 64, 8, 3, "tree"), (256, 128, 64, 8, 3, "prmt"), (128, 256, 64, 8, 3, "prmt"),
+                    (128, 128, 64, 4, 3, "prmt"), (256, 128, 128, 8, 3, "prmt"), (128, 128, 128, 8, 4, "prmt"),
+                    (128, 256, 128, 8, 3, "prmt"), (64, 256, 64, 4, 4, "prmt"),
+                    (256, 128, 64, 8, 3, "prmt32"), (128, 256, 64, 8, 3, "prmt32")]]
     if op == "input_grad":
         return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
                 for bm, bn, bk, nw, ns, lut in [
-                    (256, 128, 128, 8, 3, "tree"), (256, 128, 128, 8, 3, "poly"), (256, 64, 128, 8, 3, "poly")]]
+                    (256, 128, 128, 8, 3, "tree"), (256, 128, 128, 8, 3, "prmt"), (128, 128, 128, 8, 3, "prmt"),
+                    (128, 64, 256, 8, 3, "prmt"), (256, 64, 128, 8, 3, "prmt"), (128, 128, 64, 4, 4, "prmt"),
+                    (256, 128, 64, 8, 4, "prmt"), (256, 128, 128, 8, 3, "prmt32")]]
     raise ValueError(op)
 
 
 SWEEP_CASES = [("decode", 4096, 11008, 1), ("decode", 11008, 4096, 1), ("decode", 4096, 4096, 1),
                ("decode", 4096, 11008, 4), ("decode", 4096, 11008, 16),
                ("forward", 4096, 11008, 4096), ("input_grad", 4096, 11008, 4096)]
+SWEEP_OPS = ("decode", "forward", "input_grad")
 
 
 def sweep(cases: list[tuple[str, int, int, int]], loop_step_s: float) -> list[dict]:
@@ -522,6 +527,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--quick", action="store_true", help=f"only K,N in {QUICK_KN} and M in {QUICK_M}")
     p.add_argument("--check", action="store_true", help="compare each kernel with the XLA path first")
     p.add_argument("--sweep", action="store_true", help="time the tuning candidates instead of the table")
+    p.add_argument("--sweep-ops", nargs="+", default=list(SWEEP_OPS), choices=SWEEP_OPS,
+                   help="with --sweep: only these ops' cases")
     p.add_argument("--configs-from", default=None, metavar="SWEEP_JSON",
                    help="use the best configs of a --sweep result instead of the tuning table")
     p.add_argument("--no-bnb", action="store_true", help="skip the bitsandbytes/torch worker")
@@ -570,7 +577,7 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     loop_step_s = result.get("loop_overhead_ms", 0.0) * 1e-3
     if args.sweep:
-        result["rows"] = sweep(SWEEP_CASES, loop_step_s)
+        result["rows"] = sweep([c for c in SWEEP_CASES if c[0] in args.sweep_ops], loop_step_s)
         result["best"] = {f"{op} m<={m}": dataclasses.asdict(c) for (op, m), c in best_configs(result["rows"]).items()}
     else:
         overrides = None

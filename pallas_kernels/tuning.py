@@ -57,38 +57,40 @@ class Entry:
 
 _INF = 1 << 62
 
-# Measured on one H100 80GB HBM3 (jax 0.11.2, Triton 3.6; NF4 + double quant, block 64;
-# `experiments/bench_kernels.py --sweep`, then `--quick --check`, device-side timing; 2026-11-23):
-# - decode, M=1, K=4096 N=11008: 0.0736 ms = 2.29x XLA bf16 (0.0322 ms), plain XLA NF4 0.216 ms,
-#   bitsandbytes gemv 0.0276 ms. M=16: 0.0704 ms = 2.13x bf16 (XLA NF4 0.211, bnb 0.0705).
-#   The "tree" LUT beat "poly" at every swept shape (by 12-20%) and "gather" in run 1.
-#   M=2..4 uses the dot path: measured 0.0855 ms (poly) vs 0.095 ms for the CUDA-core path at M=4;
-#   the tree-LUT dot measured at M=16 does the same work (x is padded to 16 rows).
-# - forward, M=4096, K=4096 N=11008: 1.88 ms = 3.6x bf16 (0.523 ms); plain XLA NF4 0.751 ms.
-#   input gradient: 1.88 ms = 3.6x bf16 (0.518 ms); plain XLA NF4 0.684 ms.
-#   So the training kernels lose to XLA (beats_xla=False) and `supported` declines them.
-_H100 = {
+# Measured on one H200 (jax 0.11.2; NF4 + double quant, block 64; `experiments/bench_kernels.py
+# --sweep`, device-side timing; 2026-12-01), with the "prmt" byte-permute lookup:
+# - decode, M=1, K=4096 N=11008: 0.0353 ms = 1.22x XLA bf16 (0.0288 ms); the "tree" kernel of
+#   2026-11-23 took 0.0745 ms there. K=11008 N=4096: 1.58x; K=N=4096: 1.76x; M=4 and M=16 at
+#   K=4096 N=11008: 1.57x and 1.53x. Plain XLA dequantize->dot takes ~0.21 ms at these M.
+#   Best of 11 configs at every shape: 64 weight rows, 128-wide K steps, 8 K splits, 4 warps
+#   (a second sweep of 13 configs around it found nothing faster). In the table run
+#   (`bench_kernels.py --quick`, same day): M=1 0.0359 ms = 1.36x bf16, bitsandbytes 0.0269 ms;
+#   M=16 0.0367 ms, bitsandbytes 0.0703 ms; plain XLA NF4 0.19-0.21 ms.
+# - forward, M=4096, K=4096 N=11008: 1.32 ms = 2.51x bf16 (0.529 ms; "tree": 1.87 ms); input
+#   gradient 1.32 ms = 2.64x. Plain XLA NF4 is ~1.2x bf16 there, so these stay declined.
+_HOPPER = {
     "decode": (
-        Entry(1, TileConfig(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="tree",
-                            use_dot=False), True),
-        Entry(16, TileConfig(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="tree",
+        Entry(16, TileConfig(block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=3, lut="prmt",
                              use_dot=True), True),
     ),
     "forward": (
-        Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3), False),
-        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3), False),
+        Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt"), False),
+        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
+                               lut="prmt"), False),
     ),
     "input_grad": (
-        Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3), False),
-        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3), False),
+        Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, lut="prmt"), False),
+        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3,
+                               lut="prmt"), False),
     ),
 }
 
-# Other GPUs: the H100 entries (the H200 is the same chip with faster memory).
+# Every device family uses these entries: measured on the H200; the H100 is the same chip with
+# slower memory, and was last measured on 2026-11-23, before the "prmt" lookup.
 TABLE: dict[str, dict[str, tuple[Entry, ...]]] = {
-    "default": _H100,
-    "H100": _H100,
-    "H200": _H100,
+    "default": _HOPPER,
+    "H100": _HOPPER,
+    "H200": _HOPPER,
 }
 
 # Largest M that the decode kernel serves; above it matmul_nt uses the forward kernel.
@@ -128,7 +130,7 @@ def get_entry(op: str, m: int, n: int, k: int, device_kind: str | None = None) -
     """The tuning-table `Entry` (config and measured speed verdict) for ``op`` at this shape."""
     rows = TABLE[device_family(device_kind)].get(op)
     if rows is None:
-        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_H100)}")
+        raise ValueError(f"unknown op {op!r}; expected one of {sorted(_HOPPER)}")
     entry = next((e for e in rows if m <= e.max_m), None)
     if entry is None:
         raise ValueError(f"no {op!r} configuration for M={m} (the largest is M={rows[-1].max_m})")

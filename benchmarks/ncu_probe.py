@@ -1,0 +1,66 @@
+"""Runs each Pallas kernel of interest once, for Nsight Compute to profile (GPU only).
+
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section SchedulerStats --section WarpStateStats -k regex:'quantize|nf4_' \
+        python benchmarks/ncu_probe.py
+
+Each kernel is compiled and run once before the profiled call, so ncu sees one steady launch of
+each (``--launch-skip`` is not needed; ``-k`` picks the Pallas kernels by name). Shapes: 8192 x
+8192 bf16 for quantize/dequantize; K=4096 N=11008 for the matmuls (decode M=1, forward and
+input gradient M=4096).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import pallas_kernels as pk  # noqa: E402
+from pallas_kernels import quantize as pq  # noqa: E402
+from pallas_kernels.tuning import TileConfig  # noqa: E402
+import qlora_jax as qj  # noqa: E402
+
+
+def main() -> None:
+    x = jax.random.normal(jax.random.key(0), (8192 * 8192,), jnp.float32).astype(jnp.bfloat16)
+    runs = []
+    runs.append(("quantize", lambda a: pq.quantize_blocks_pallas(a, "nf4", 64), (x,)))
+    packed, absmax = jax.block_until_ready(pq.quantize_blocks_pallas(x, "nf4", 64))
+    for lut in ("tree", "prmt"):
+        runs.append((f"dequantize {lut}",
+                     lambda p, a, lut=lut: pq.dequantize_blocks_pallas(p, a, "nf4", lut=lut), (packed, absmax)))
+    k, n = 4096, 11008
+    w = (0.02 * jax.random.normal(jax.random.key(1), (k, n), jnp.float32)).astype(jnp.bfloat16)
+    q = qj.quantize_linear_kernel(w, format="nf4", block_size=64, double_quant=True, dq_block_size=256)
+    lay = dict(n=n, k=k, block_size=64, dq_block_size=256, code_table=qj.get_format("nf4").values)
+    args = (q.codes, q.absmax, q.absmax_scale, q.absmax_offset)
+    x1 = jax.random.normal(jax.random.key(2), (1, k), jnp.bfloat16)
+    xm = jax.random.normal(jax.random.key(3), (4096, k), jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(4), (4096, n), jnp.bfloat16)
+    dec = {"tree": TileConfig(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="tree", use_dot=False),
+           "prmt": TileConfig(block_n=32, block_k=256, split_k=1, num_warps=4, num_stages=3, lut="prmt", use_dot=True)}
+    for name, cfg in dec.items():
+        runs.append((f"decode {name}", lambda a, *w, cfg=cfg: pk.matmul_nt(a, *w, **lay, config=cfg), (x1, *args)))
+    fwd = TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, lut="prmt")
+    runs.append(("forward prmt", lambda a, *w: pk.matmul_nt(a, *w, **lay, config=fwd), (xm, *args)))
+    bwd = TileConfig(block_m=256, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3, lut="prmt")
+    runs.append(("input_grad prmt", lambda a, *w: pk.matmul_nn(a, *w, **lay, config=bwd), (dy, *args)))
+    for name, fn, a in runs:
+        f = jax.jit(fn)
+        try:
+            jax.block_until_ready(f(*a))   # compile + warm
+            jax.block_until_ready(f(*a))   # the launch worth profiling
+            print(f"ran {name}", flush=True)
+        except Exception as e:  # noqa: BLE001 - report and go on
+            print(f"FAILED {name}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
