@@ -272,14 +272,6 @@ def code_values(codes: jax.Array, spec: "QuantSpec", lut: str, lut_ref: Any = No
     raise ValueError(f"lut must be one of {LUT_MODES}, got {lut!r}")
 
 
-def _prmt_dtype(dtype: Any) -> Any:
-    """The 16-bit type the "prmt" lookup produces for an output ``dtype``: itself for bf16/f16;
-    float16 for float32 (its 11-bit mantissa keeps table values within 2**-12, and every code
-    table here lies in [-1, 1], far inside float16's normal range)."""
-    dt = jnp.dtype(dtype)
-    return dt if dt in byte_lut.DTYPES else jnp.dtype(jnp.float16)
-
-
 def dequant_pair(spec: "QuantSpec", packed: jax.Array, scales: jax.Array, dtype: Any,
                  lut: str, lut_ref: Any = None, *, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The even and odd columns of a dequantized tile, ``dtype [r, h]`` each, from packed uint8
@@ -287,13 +279,14 @@ def dequant_pair(spec: "QuantSpec", packed: jax.Array, scales: jax.Array, dtype:
     interleave, for kernels that pair them with the even/odd columns of the other operand.
 
     With ``lut="prmt"`` a bf16/f16 tile is scaled in that type (one more rounding than the
-    float32 product of the other modes: within 1.5 ulp of it); a float32 tile is the float16
-    table value times the float32 scale. ``interpret``: the kernel runs in interpret mode."""
+    float32 product of the other modes: within 1.5 ulp of it); with "prmt32", and for a float32
+    tile, the float16 table value (within 2**-12: every table here lies in [-1, 1], inside
+    float16's normal range) is scaled in float32. ``interpret``: the kernel runs in interpret
+    mode."""
+    if lut == "prmt" and jnp.dtype(dtype) in byte_lut.DTYPES:
+        return byte_lut.decode_pairs(packed, spec.code_table, dtype, scales[:, None], interpret=interpret)
     if lut in ("prmt", "prmt32"):
-        pd = _prmt_dtype(dtype) if lut == "prmt" else jnp.dtype(jnp.float16)
-        if pd == jnp.dtype(dtype) and lut == "prmt":
-            return byte_lut.decode_pairs(packed, spec.code_table, pd, scales[:, None], interpret=interpret)
-        even, odd = byte_lut.decode_pairs(packed, spec.code_table, pd, interpret=interpret)
+        even, odd = byte_lut.decode_pairs(packed, spec.code_table, jnp.float16, interpret=interpret)
         s = scales[:, None]
         return ((even.astype(jnp.float32) * s).astype(dtype), (odd.astype(jnp.float32) * s).astype(dtype))
     b = packed.astype(jnp.int32)

@@ -54,7 +54,7 @@ __all__ = ["Program", "pairs_program", "words_program", "decode_pair_words", "de
            "split_pair_words", "decode_words", "run_program", "DTYPES"]
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-_NEG_ZERO = {"bfloat16": 0x80008000, "float16": 0x80008000}
+_NEG_ZERO2 = 0x80008000   # (-0, -0) in bf16x2 and f16x2 alike: the addend of a plain product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +129,10 @@ def _prmt(a: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array:
 
 
 def _halves(w: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-    lo = jax.lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.uint16), dtype)
-    hi = jax.lax.bitcast_convert_type((w >> 16).astype(jnp.uint16), dtype)
+    """The low and high 16 bits of 32-bit integer words as ``dtype`` (int16 views: Triton's
+    integer ops are signless, and a bitcast to a 16-bit float needs a same-width type)."""
+    lo = jax.lax.bitcast_convert_type((w & 0xFFFF).astype(jnp.int16), dtype)
+    hi = jax.lax.bitcast_convert_type((w >> 16).astype(jnp.int16), dtype)
     return lo, hi
 
 
@@ -235,8 +237,7 @@ def pairs_program(values: tuple[float, ...], dtype_name: str, scaled: bool) -> P
     ops += [("prmt", outs[0], pla, pha, 0x4051), ("prmt", outs[1], pla, pha, 0x6273),
             ("prmt", outs[2], plb, phb, 0x4051), ("prmt", outs[3], plb, phb, 0x6273)]
     if scaled:
-        nz = _NEG_ZERO[dtype_name]
-        ops += [("fma2", f"out{j}", f"v{j}", f"in{1 + j}", nz) for j in range(4)]
+        ops += [("fma2", f"out{j}", f"v{j}", f"in{1 + j}", _NEG_ZERO2) for j in range(4)]
     return Program(tuple(ops), 5 if scaled else 1, 4, dtype_name)
 
 
@@ -284,17 +285,29 @@ def _check_tile(packed: jax.Array, dtype: Any) -> None:
         raise ValueError(f"dtype must be bfloat16 or float16, got {dtype}")
 
 
-def _asm(prog: Program, args: Sequence[jax.Array], shape: tuple[int, int]) -> jax.Array:
-    """The program as one Triton inline-asm op over 4 bytes at a time: int32 ``shape``, one word
-    a byte. (One result and a signed type: jax's lowering of the op returns only its first
-    result, and Triton's op takes signless integers.)"""
-    from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+def _run(prog: Program, packed: jax.Array, per_byte: Sequence[jax.Array], interpret: bool) -> jax.Array:
+    """int32 ``[r, h]``, one output word a byte of ``packed`` (uint8 ``[r, h]``), from ``prog``
+    with ``per_byte`` 32-bit operands (``[r, h]`` each, one word a byte).
 
-    cons = ",".join(["=r"] * 4 + ["r"] * prog.n_in)
-    (words,) = pltriton.elementwise_inline_asm(
-        prog.ptx(), args=list(args), constraints=cons, pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
-    return words
+    On the GPU one Triton inline-asm op over 4 bytes at a time (one result and a signed type:
+    jax's lowering of the op returns only its first result, and Triton's op takes signless
+    integers); in interpret mode `run_program` on the words of 4 bytes, one input register a
+    byte for each per-byte operand."""
+    r, h = packed.shape
+    if not interpret:
+        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+        cons = ",".join(["=r"] * 4 + ["r"] * prog.n_in)
+        (words,) = pltriton.elementwise_inline_asm(
+            prog.ptx(), args=[packed, *per_byte], constraints=cons, pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct((r, h), jnp.int32)])
+        return words
+    ins = [_words_of(packed)]
+    for a in per_byte:
+        a = jax.lax.bitcast_convert_type(a, jnp.uint32).reshape(r, h // 4, 4)
+        ins += [a[..., j] for j in range(4)]
+    out = run_program(prog, ins)
+    return jax.lax.bitcast_convert_type(jnp.stack(out, axis=-1).reshape(r, h), jnp.int32)
 
 
 def decode_pair_words(packed: jax.Array, values: Sequence[float], dtype: Any,
@@ -308,28 +321,18 @@ def decode_pair_words(packed: jax.Array, values: Sequence[float], dtype: Any,
     _check_tile(packed, dtype)
     dtype = jnp.dtype(dtype)
     prog = pairs_program(tuple(float(v) for v in values), dtype.name, scale is not None)
-    r, h = packed.shape
-    args = [packed]
+    per_byte = []
     if scale is not None:
         # the scale's 16 bits in both halves of a word (per row when given as [r, 1]: then the
         # multiply and the broadcast cost nothing a weight)
         b = jax.lax.bitcast_convert_type(scale.astype(dtype), jnp.int16).astype(jnp.int32) & 0xFFFF
-        args.append(jnp.broadcast_to(b | (b << 16), (r, h)))
-    if not interpret:
-        return _asm(prog, args, (r, h))
-    ins = [_words_of(packed)]
-    if scale is not None:
-        sw = args[1].astype(jnp.uint32).reshape(r, h // 4, 4)
-        ins += [sw[..., j] for j in range(4)]
-    out = run_program(prog, ins)
-    return jax.lax.bitcast_convert_type(jnp.stack(out, axis=-1).reshape(r, h), jnp.int32)
+        per_byte.append(jnp.broadcast_to(b | (b << 16), packed.shape))
+    return _run(prog, packed, per_byte, interpret)
 
 
 def split_pair_words(words: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """``(even, odd)`` ``dtype`` halves of int32 pair words (low, high 16 bits)."""
-    lo = jax.lax.bitcast_convert_type((words & 0xFFFF).astype(jnp.int16), dtype)
-    hi = jax.lax.bitcast_convert_type((words >> 16).astype(jnp.int16), dtype)
-    return lo, hi
+    return _halves(words, dtype)
 
 
 def decode_pairs(packed: jax.Array, values: Sequence[float], dtype: Any,
@@ -349,10 +352,5 @@ def decode_words(packed: jax.Array, values: Sequence[float], dtype: Any, scale: 
     _check_tile(packed, dtype)
     dtype = jnp.dtype(dtype)
     prog = words_program(tuple(float(v) for v in values), dtype.name)
-    r, h = packed.shape
-    scale = jnp.broadcast_to(scale.astype(jnp.float32), (r, h))
-    if not interpret:
-        return _asm(prog, [packed, scale], (r, h))
-    s = jax.lax.bitcast_convert_type(scale, jnp.uint32).reshape(r, h // 4, 4)
-    out = run_program(prog, [_words_of(packed)] + [s[..., j] for j in range(4)])
-    return jax.lax.bitcast_convert_type(jnp.stack(out, axis=-1).reshape(r, h), jnp.int32)
+    scale = jnp.broadcast_to(scale.astype(jnp.float32), packed.shape)
+    return _run(prog, packed, [scale], interpret)

@@ -435,7 +435,7 @@ def _tiles(body, rows: int, tiles: int, n_blocks: int) -> None:
     first = pl.program_id(0) * (rows * tiles)
     ragged = n_blocks % (rows * tiles) != 0
     if tiles == 1:
-        body(first, _row_mask(first, rows, n_blocks) if ragged else None)
+        body(first, _row_mask(first, rows, n_blocks))
         return
 
     def step(t, carry):

@@ -18,7 +18,7 @@ import pytest
 @contextlib.contextmanager
 def _pretend_h100_and_verify():
     try:
-        from jax._src.pallas.triton import gpu_info, lowering
+        from jax._src.pallas.triton import gpu_info
         from jax._src.pallas.triton import pallas_call_registration as reg
         info = gpu_info.GpuInfo(gpu_version=None, arch_name="9.0", compute_capability=90)
         old_info, old_lower = reg.gpu_info_lib.get_gpu_info, reg.lowering.lower_jaxpr_to_triton_module
@@ -37,7 +37,6 @@ def _pretend_h100_and_verify():
     finally:
         reg.gpu_info_lib.get_gpu_info = old_info
         reg.lowering.lower_jaxpr_to_triton_module = old_lower
-        del lowering
 
 
 def lowers_for_h100(fn, *avals) -> str:
