@@ -4,6 +4,12 @@
         --section SchedulerStats --section WarpStateStats -k regex:'quantize|nf4_' \
         python benchmarks/ncu_probe.py
 
+``--pipeline`` runs only ``qlora_jax.quantize(x, "nf4", double_quant=True, backend="pallas")`` on
+the same input (twice: compile, then the launch worth profiling), for a per-kernel breakdown of
+the whole call, XLA's kernels included:
+
+    ncu --clock-control none --metrics gpu__time_duration.sum python benchmarks/ncu_probe.py --pipeline
+
 Each kernel is compiled and run once before the profiled call, so ncu sees one steady launch of
 each (``--launch-skip`` is not needed; ``-k`` picks the Pallas kernels by name). Shapes: 8192 x
 8192 bf16 for quantize/dequantize; K=4096 N=11008 for the matmuls (decode M=1, forward and
@@ -30,6 +36,11 @@ import qlora_jax as qj  # noqa: E402
 
 def main() -> None:
     x = jax.random.normal(jax.random.key(0), (8192 * 8192,), jnp.float32).astype(jnp.bfloat16)
+    if "--pipeline" in sys.argv[1:]:
+        for _ in range(2):
+            jax.block_until_ready(qj.quantize(x, "nf4", 64, double_quant=True, backend="pallas"))
+        print("ran quantize nf4+dq pipeline", flush=True)
+        return
     runs = []
     runs.append(("quantize", lambda a: pq.quantize_blocks_pallas(a, "nf4", 64), (x,)))
     packed, absmax = jax.block_until_ready(pq.quantize_blocks_pallas(x, "nf4", 64))

@@ -281,16 +281,18 @@ def sweep_candidates(op: str, m: int) -> list:
     from pallas_kernels.tuning import TileConfig as C
 
     if op == "decode":
-        # block_n, block_k, split_k, warps, stages, use_dot, lut (round 2 of the H200 sweep,
-        # around round 1's best: 64 rows, 128-wide K steps, 8 splits, 4 warps)
-        grid = [(32, 64, 8, 2, 3, m > 4, "tree"), (64, 128, 8, 4, 3, True, "prmt"),
-                (64, 128, 16, 4, 3, True, "prmt"), (64, 64, 16, 4, 3, True, "prmt"),
-                (128, 128, 8, 4, 3, True, "prmt"), (128, 128, 8, 8, 3, True, "prmt"),
-                (64, 128, 8, 8, 3, True, "prmt"), (64, 128, 8, 4, 2, True, "prmt"),
-                (64, 256, 8, 4, 3, True, "prmt"), (128, 64, 16, 4, 4, True, "prmt"),
-                (32, 128, 16, 4, 3, True, "prmt")]
+        # block_n, block_k, split_k, warps, stages, use_dot, lut: round 2's best (64 rows,
+        # 128-wide K steps, 8 splits, 4 warps, dot) and two neighbours, then (M <= 4) the
+        # CUDA-core paths: word pairs ("prmt" on bf16 x) over tiles, and even/odd ("prmt32")
+        grid = [(64, 128, 8, 4, 3, True, "prmt"), (64, 256, 8, 4, 3, True, "prmt"),
+                (128, 128, 8, 4, 3, True, "prmt")]
         if m <= 4:
-            grid += [(64, 128, 8, 4, 3, False, "prmt"), (32, 128, 8, 4, 3, False, "prmt")]
+            # round 3 (second sweep of 2026-12-01 found 64 x 64-wide steps x 16 splits x 2 warps
+            # x 4 stages best at M=1; larger tiles and fewer splits lost): its neighbours
+            grid += [(64, 64, 16, 2, 4, False, "prmt"), (64, 64, 32, 2, 4, False, "prmt"),
+                     (128, 64, 16, 2, 4, False, "prmt"), (32, 64, 16, 1, 4, False, "prmt"),
+                     (64, 64, 16, 1, 4, False, "prmt"), (64, 64, 16, 2, 3, False, "prmt"),
+                     (64, 32, 32, 2, 4, False, "prmt"), (32, 64, 32, 1, 4, False, "prmt")]
         return [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns, lut=lut, use_dot=dot)
                 for bn, bk, sk, nw, ns, dot, lut in grid]
     if op == "forward":
@@ -577,7 +579,10 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     loop_step_s = result.get("loop_overhead_ms", 0.0) * 1e-3
     if args.sweep:
-        result["rows"] = sweep([c for c in SWEEP_CASES if c[0] in args.sweep_ops], loop_step_s)
+        # --kn / --m narrow the sweep's cases when given
+        chosen = [c for c in SWEEP_CASES if c[0] in args.sweep_ops
+                  and (not args.kn or (c[1], c[2]) in kns) and (not args.m or c[3] in ms)]
+        result["rows"] = sweep(chosen, loop_step_s)
         result["best"] = {f"{op} m<={m}": dataclasses.asdict(c) for (op, m), c in best_configs(result["rows"]).items()}
     else:
         overrides = None

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import itertools
 import json
 import os
 import sys
@@ -138,6 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
                    help="second-level block of the double-quantization rows (default 256)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the bare Pallas kernels over tiles x num_warps")
+    p.add_argument("--sweep-dq", action="store_true",
+                   help="also time the second-level kernel over blocks-per-program x num_warps x search")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also time the Pallas NF4+DQ quantize stage by stage (first level, finite "
+                        "check, mean, second level per search)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/bench_quantize_<device>_<date>.json")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
@@ -175,8 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
     absmax = qj.quantize(x, "nf4", bs, double_quant=False, backend="xla").absmax
     rows += _double_quant_rows(absmax, args.dq_block_size, backends, timer, reps, on_gpu)
 
+    if args.breakdown:
+        rows += _breakdown(x, bs, args.dq_block_size, timer, reps, in_bytes, t_copy, interpret=not on_gpu)
     if args.sweep:
         rows += _sweep(x, bs, timer, reps, in_bytes, t_copy, interpret=not on_gpu)
+    if args.sweep or args.sweep_dq:
         rows += _sweep_dq(absmax, args.dq_block_size, timer, reps, interpret=not on_gpu)
 
     print(f"device {dev.device_kind}, jax {jax.__version__}, input {shape} {dtype.name} "
@@ -218,6 +227,10 @@ def _double_quant_rows(absmax: jax.Array, dq: int, backends: tuple[str, ...], ti
         if backend == "pallas":
             from pallas_kernels import quantize as pq
             encode = lambda a, o: pq.double_quantize_pallas(a, o, dq, interpret=interpret)
+            if on_gpu:   # the search the default does not use, for comparison
+                other = next(s for s in pq.DQ_SEARCHES if s != "gather")
+                t = timer(lambda a, o: pq.double_quantize_pallas(a, o, dq, search=other), (absmax, offset), reps)
+                out.append(_row("dq encode", label, fmt, t, a_bytes, t_copy, config=f"search={other}"))
         else:
             encode = lambda a, o: qmod.double_quantize(a, dq, offset=o)[:2]
         total = lambda a, backend=backend, interpret=interpret: qmod._double_quantize_backend(
@@ -227,25 +240,57 @@ def _double_quant_rows(absmax: jax.Array, dq: int, backends: tuple[str, ...], ti
     return out
 
 
+def _breakdown(x: jax.Array, bs: int, dq: int, timer: Callable, reps: int, in_bytes: int, t_copy: float,
+               interpret: bool) -> list[dict]:
+    """The Pallas NF4+DQ quantize built up stage by stage, each row timed whole on the same input
+    (so a row minus the one above is what that stage adds, launch gaps included): the first level
+    alone, with the finite check, with the mean, and with the second level by each search."""
+    from pallas_kernels import quantize as pq
+
+    values = tuple(float(v) for v in qj.formats.get_format("nf4").values)
+
+    def first(a):
+        return pq.quantize_blocks_pallas(a.reshape(-1), values, bs, interpret=interpret)
+
+    def finite(a):
+        packed, absmax = first(a)
+        return packed, absmax, jnp.logical_not(jnp.any(jnp.isnan(absmax)))
+
+    def mean(a):
+        packed, absmax, ok = finite(a)
+        return packed, absmax, ok, jax.lax.optimization_barrier(qmod._exact_mean(absmax))
+
+    stages = [("first level", first), ("+ finite check", finite), ("+ mean", mean)]
+    for search in pq.DQ_SEARCHES:
+        def full(a, search=search):
+            packed, absmax, ok, offset = mean(a)
+            codes, scale = pq.double_quantize_pallas(absmax, offset, dq, search=search, interpret=interpret)
+            return packed, codes, scale, offset, ok
+        stages.append((f"+ second ({search})", full))
+    return [_row("nf4+dq stages", "pallas", f"dq{dq}", timer(fn, (x,), reps), in_bytes, t_copy, config=name)
+            for name, fn in stages]
+
+
 def _sweep_dq(absmax: jax.Array, dq: int, timer: Callable, reps: int, interpret: bool) -> list[dict]:
-    """The second-level kernel (given the offset) over blocks-per-program x num_warps."""
+    """The second-level kernel (given the offset) over blocks-per-program x num_warps x search."""
     from pallas_kernels import quantize as pq
 
     a_bytes = absmax.size * absmax.dtype.itemsize
     t_copy = timer(_copy, (absmax,), reps)
     offset = jax.jit(qmod._exact_mean)(absmax)
     out = []
-    for elems in (512, 1024, 2048, 4096, 8192):
+    for elems, warps, search in itertools.product((512, 1024, 2048, 4096, 8192), (2, 4, 8), pq.DQ_SEARCHES):
+        if search != "gather" and warps != 8:
+            continue   # the select tree only as a reference at the old default's warps
         blocks = max(1, elems // dq)
-        for warps in (2, 4, 8):
-            cfg = dict(blocks_per_program=blocks, num_warps=warps, interpret=interpret)
-            config = f"blocks={blocks} ({blocks * dq} scales) warps={warps}"
-            try:
-                t = timer(lambda a, o: pq.double_quantize_pallas(a, o, dq, **cfg), (absmax, offset), reps)
-            except Exception as e:  # a configuration Triton cannot compile: report, go on
-                print(f"sweep {config}: {type(e).__name__}: {str(e)[:200]}")
-                continue
-            out.append(_row("dq_kernel", "pallas", f"dq{dq}", t, a_bytes, t_copy, config=config))
+        cfg = dict(blocks_per_program=blocks, num_warps=warps, search=search, interpret=interpret)
+        config = f"blocks={blocks} ({blocks * dq} scales) warps={warps} search={search}"
+        try:
+            t = timer(lambda a, o: pq.double_quantize_pallas(a, o, dq, **cfg), (absmax, offset), reps)
+        except Exception as e:  # a configuration Triton cannot compile: report, go on
+            print(f"sweep {config}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        out.append(_row("dq_kernel", "pallas", f"dq{dq}", t, a_bytes, t_copy, config=config))
     return out
 
 

@@ -330,6 +330,14 @@ def decode_pair_words(packed: jax.Array, values: Sequence[float], dtype: Any,
     return _run(prog, packed, per_byte, interpret)
 
 
+def bf16_halves_f32(words: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """float32 values of the low and high bf16 halves of 32-bit integer words (int32 or uint32):
+    a bf16 is the top half of its float32, so each is one shift or one mask (exact; no convert)."""
+    mask = np.uint32(0xFFFF0000) if words.dtype == jnp.uint32 else np.int32(-65536)
+    return (jax.lax.bitcast_convert_type(words << 16, jnp.float32),
+            jax.lax.bitcast_convert_type(words & mask, jnp.float32))
+
+
 def split_pair_words(words: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
     """``(even, odd)`` ``dtype`` halves of int32 pair words (low, high 16 bits)."""
     return _halves(words, dtype)

@@ -15,14 +15,21 @@ Backend: Triton lowering of ``pl.pallas_call`` with explicit ``CompilerParams`` 
 `pallas_kernels.nf4_matmul`): a memory-bound streaming kernel needs no wgmma, and Triton's
 vectorised, pipelined loads are what it needs; it is also checkable in CPU interpret mode.
 
-Measured (H200, jax 0.11.2, NF4 + double quant, device-side, 2026-12-01; the tuning table's
-config: 64 weight rows, 128-wide K steps, 8 K splits, 4 warps, "prmt" lookup): K=4096 N=11008
-M=1 0.0359 ms = 1.36x XLA cuBLAS bf16 (0.0264 ms; 648 GB/s of packed weight), bitsandbytes'
-gemv 0.0269 ms in the same run, plain XLA dequantize->dot 0.211 ms; M=16 0.0367 ms = 1.53x
-bf16, 1.9x faster than bitsandbytes (0.0703 ms). The H100 "tree" kernel of 2026-11-23 took
-0.0736 ms at M=1. Not yet bandwidth-bound: Nsight Compute shows ~16-22% occupancy (114-128
-registers a thread) and the memory pipe at 18-57%, so latency, not the byte rate or the
-lookup, is what is left (the target, 0.40x bf16, needs ~2.5 TB/s).
+The word-pair form of the CUDA-core path (``use_dot=False`` with ``lut="prmt"`` on bf16 x,
+`uses_x_words`): byte j of a weight row decodes to the bf16 pair of weights 2j, 2j+1, and x
+comes in as int32 words of bf16 pairs, so weight and x pairs line up word for word. Each half
+becomes float32 by one shift or mask, with one accumulator per row of x. There is no dot, so
+nothing goes through shared memory (Nsight Compute had put the dot path's limit in the L1/shared
+pipe, not DRAM).
+
+Measured (H200, jax 0.11.2, NF4 + double quant, device-side, second session of 2026-12-01,
+the tuning table's configs). At M=1, K=4096 N=11008, the word path (64 rows, 64-wide K steps,
+16 K splits, 2 warps, 4 stages) takes 0.0284 ms = 1.06x XLA cuBLAS bf16 (0.0267 ms; 819 GB/s of
+packed weight). bitsandbytes' gemv took 0.0279 ms in the same run, and the dot config 0.0352 ms
+in the sweep. At K=N=4096 it takes 0.0130 ms = 1.48x (bitsandbytes 0.0107). At M=16 the dot
+config (64 rows, 128-wide steps, 8 splits, 4 warps) takes 0.0361 ms = 1.47x bf16, 2x faster
+than bitsandbytes (0.0725 ms). Plain XLA dequantize->dot takes ~0.19-0.21 ms. The target,
+0.40x bf16 at M=1, needs ~2.5 TB/s and is not reached.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import _common
+from pallas_kernels import _common, byte_lut
 from pallas_kernels._common import QuantSpec
 from pallas_kernels.tuning import TileConfig
 
@@ -44,8 +51,14 @@ MAX_M = 16  # rows of x the decode kernel handles (a dot pads M to 16)
 _DOT_M = 16
 
 
+def uses_x_words(cfg: TileConfig, dtype) -> bool:
+    """Whether the kernel takes x as int32 words of bf16 pairs (the CUDA-core path with the
+    "prmt" lookup on bf16 x: weight and x pairs line up word for word)."""
+    return not cfg.use_dot and cfg.lut == "prmt" and jnp.dtype(dtype) == jnp.bfloat16
+
+
 def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, steps_per_split: int,
-            interpret: bool):
+            x_words: bool, interpret: bool):
     *w_refs, o_ref = refs
     codes_ref, scale_refs, lut_ref = _common.split_weight_refs(spec, w_refs[:n_in], cfg.lut)
     bn, bk = cfg.block_n, cfg.block_k
@@ -62,10 +75,14 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
     # x's M rows would be rejected at trace time even though it is never dereferenced.
     row0 = pid_n * 0
 
-    def weight_tile(kk, dtype):
+    def packed_tile(kk):
+        """(packed uint8 [bn, sb/2], float32 scales [bn]) of the sub-step at column kk."""
         ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
         wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
-        scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
+        return wp, _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
+
+    def weight_tile(kk, dtype):
+        wp, scales = packed_tile(kk)
         return _common.dequant_tile(spec, wp, scales, dtype, cfg.lut, lut_ref,
                                          interpret=interpret)
 
@@ -84,6 +101,28 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
 
         acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bn, mp), jnp.float32))
         accs = [acc.T]  # [mp, bn]
+    elif x_words:
+        # Word for word: byte j of a weight row decodes (byte permutes) to the bf16 pair of
+        # weights 2j, 2j+1 (unscaled table values), and word j of x's row is the bf16 pair
+        # x[2j], x[2j+1]; both halves become float32 by a shift or a mask. One float32
+        # accumulator [bn, sb/2] per row of x, reduced once after the loop.
+        h = sb // 2
+
+        def body(step, accs):
+            accs = list(accs)
+            for j in range(bk // sb):
+                kk = step * bk + j * sb
+                wp, scales = packed_tile(kk)
+                words = byte_lut.decode_pair_words(wp, spec.code_table, jnp.bfloat16, interpret=interpret)
+                w_even, w_odd = byte_lut.bf16_halves_f32(words)
+                s = scales[:, None]
+                for r in range(m):
+                    x_even, x_odd = byte_lut.bf16_halves_f32(x_ref[pl.ds(row0 + r, 1), pl.ds(kk // 2, h)])
+                    accs[r] = accs[r] + (w_even * x_even + w_odd * x_odd) * s
+            return tuple(accs)
+
+        acc2 = jax.lax.fori_loop(lo, hi, body, tuple(jnp.zeros((bn, h), jnp.float32) for _ in range(m)))
+        accs = [jnp.sum(a, axis=1) for a in acc2]
     else:
         # Per row of x, float32 accumulators over the even and odd weight columns, [bn, sb/2]
         # each: one FMA a weight, no interleave of the two nibbles, and a single reduction
@@ -95,9 +134,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             accs = list(accs)
             for j in range(bk // sb):
                 kk = step * bk + j * sb
-                ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, h)]
-                wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
-                scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
+                wp, scales = packed_tile(kk)
                 # float32 weights: no rounding of the weight at all
                 w_even, w_odd = _common.dequant_pair(spec, wp, scales, jnp.float32, cfg.lut, lut_ref,
                                          interpret=interpret)
@@ -169,8 +206,12 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
     split_k = -(-total // steps)  # no empty splits
     config = config.replace(split_k=split_k)
     ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, config.lut)
+    x_words = uses_x_words(config, x.dtype)
+    x_in = x
+    if x_words:   # int32 [M, k/2] view of the bf16 pairs (a bitcast; no copy when K' == k)
+        x_in = jax.lax.bitcast_convert_type(x[:, : spec.k].reshape(m, spec.k // 2, 2), jnp.int32)
     kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, steps_per_split=steps,
-                               interpret=interpret)
+                               x_words=x_words, interpret=interpret)
     if split_k > 1:
         out_shape = jax.ShapeDtypeStruct((split_k, m, spec.n), jnp.float32)
     else:
@@ -182,7 +223,7 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
         interpret=interpret,
         compiler_params=_common.compiler_params(config.num_warps, config.num_stages),
         name="nf4_decode",
-    )(x, *ins)
+    )(x_in, *ins)
     return out.sum(axis=0).astype(x.dtype) if split_k > 1 else out
 
 

@@ -58,7 +58,8 @@ bound by the integer/logic pipe (SM throughput 92%, memory 34%; "waiting for the
 pipe"), which issues at half the FMA pipe's rate on Hopper. So the hot paths now avoid it:
 
 - quantize encodes by counting midpoints with saturating FMAs (`_encode_count`: one compare
-  and 8 selects a value for sorted tables, none for FP4), and takes the block reciprocal from
+  and 8 selects a value for sorted tables, 7 counted midpoints on |v| for FP4's sign-symmetric
+  table), and takes the block reciprocal from
   one IEEE ``rcp.rn.f32`` (the same correctly rounded bits as the integer long division of
   `_exact_reciprocal`, which the interpreter and the references still use);
 - dequantize looks codes up by byte permutes (``lut="prmt"``, `pallas_kernels.byte_lut`: the
@@ -74,11 +75,11 @@ to pipeline), ``tiles_per_program`` (default 1: consecutive tiles walked in a lo
 tile sweeps on an H200 (``experiments/bench_quantize.py --sweep``).
 
 Measured (H200, jax 0.11.2, 8192 x 8192 bf16, block 64, TB/s of bf16 input, device time of calls
-in a jitted loop, 2026-12-01; XLA path in brackets): quantize NF4 1.86 (0.80), FP4 1.66 (0.54),
-NF4 + double quant 1.33 (0.58); dequantize NF4 2.97 (0.56), NF4 + double quant 2.80, FP4 3.12.
-A torch ``copy_`` moves 4.08 TB/s there (bytes read + written), so 40% of it is 1.63 TB/s of
-input; the first-level kernels clear it, NF4 + double quant does not yet (its offset mean and
-second level add ~29 µs to the 72 µs of the first level; benchmarks/README.md).
+in a jitted loop, second session of 2026-12-01; XLA path in brackets): quantize NF4 1.86 (0.81),
+FP4 1.84 (0.51), NF4 + double quant 1.62-1.65 over three runs (0.61); dequantize NF4 3.15 (0.55),
+NF4 + double quant 2.82, FP4 2.97. A torch ``copy_`` moves 4.08 TB/s there (bytes read + written),
+so 40% of it is 1.63 TB/s of input: the first-level kernels clear it, and NF4 + double quant sits
+on it (the first level ~72 µs; the mean and the second level add ~9-11 µs; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -267,8 +268,13 @@ def _count_terms(tables: CodeTables) -> tuple:
 
     Returns ``("split", m7, [(B, C_low, C_high)] * 7)`` for a sorted-identity table (NF4, Int4):
     ``rank = 8 [v > m7] + sum_j sat(v B_j + C_j)``, the seven midpoints of the half ``v`` lies in;
-    else ``("linear", order[0], [(B, C, weight)] * 15)``: ``code = order[0] + sum_i weight_i *
-    sat(v B_i + C_i)`` with ``weight_i = order[i + 1] - order[i]`` (FP4's permuted codes)."""
+    ``("mirror", (P0, N0, P1, N1), [(B, C, weight)] * 7)`` for a sign-symmetric table whose codes
+    step alike on both sides (FP4; `_mirror_codes`): the seven positive midpoints counted on
+    ``a = |v|`` (one float step up when ``v < 0``, so that ``a > m`` means ``|v| >= m`` there,
+    the side a tie goes to), ``code = (N1 if v < 0 else P1) + sum_{j >= 1} weight_j * [a > m_j]``,
+    or ``P0``/``N0`` (``v`` positive normal / not) when ``a <= m_0``; else ``("linear",
+    order[0], [(B, C, weight)] * 15)``: ``code = order[0] + sum_i weight_i * sat(v B_i + C_i)``
+    with ``weight_i = order[i + 1] - order[i]``."""
     mids = [float(m) for m in tables.midpoints]
 
     def power(ms):
@@ -283,6 +289,12 @@ def _count_terms(tables: CodeTables) -> tuple:
             b = power([mids[j], mids[8 + j]])
             terms.append((b, -mids[j] * b, -mids[8 + j] * b))
         return ("split", mids[7], tuple(terms))
+    mirror = _mirror_codes(tables)
+    if mirror is not None:
+        pos, neg = mirror
+        terms = tuple((power([mids[8 + j]]), -mids[8 + j] * power([mids[8 + j]]),
+                       float(pos[j + 1] - pos[j]) if j else 0.0) for j in range(7))
+        return ("mirror", (float(pos[0]), float(neg[0]), float(pos[1]), float(neg[1])), terms)
     terms = []
     for i, m in enumerate(mids):
         b = power([m])
@@ -291,17 +303,38 @@ def _count_terms(tables: CodeTables) -> tuple:
     return ("linear", float(tables.order[0]), tuple(terms))
 
 
+def _mirror_codes(tables: CodeTables) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(P, N)``: the codes of ranks 8 + r and 7 - r (r = 0..7; the positive and the negative
+    side, outward from 0) when the "mirror" encoder applies, else None. It needs midpoints that
+    are sign-symmetric with ``m7 == 0`` (so that ``v < 0`` has rank ``7 - #{i >= 8 :
+    |v| >= m_i}``), and codes that step alike on both sides (``N[r] - N[r-1] == P[r] - P[r-1]``
+    for r >= 2), as FP4's sign-magnitude codes do."""
+    if tables.sorted_is_identity:
+        return None
+    m = np.asarray(tables.midpoints, np.float32)
+    if not (np.array_equal(m[::-1], -m) and m[7] == 0):   # value for value (0 == -0)
+        return None
+    pos = tuple(tables.order[8 + r] for r in range(8))
+    neg = tuple(tables.order[7 - r] for r in range(8))
+    if any(neg[r] - neg[r - 1] != pos[r] - pos[r - 1] for r in range(2, 8)):
+        return None
+    return pos, neg
+
+
 def _encode_count(scaled: jax.Array, tables: CodeTables, interpret: bool) -> jax.Array:
     """float32 code (an exact integer 0..15) of float32 scaled values: the same code as
     `_encode`, counted with saturating FMAs instead of found by compares and selects.
 
     Why: `_encode`'s ~22 compares and selects a value all go to the ALU pipe (compares, selects,
     logic), which issues half as fast as the FMA pipe on Hopper and made the quantize kernel
-    pipe-bound. Here one compare and 8 selects (sorted tables) or none (FP4) remain, and 14-30
-    FMA-pipe operations do the rest (`_count_terms`). On the GPU one inline-PTX block a value
+    pipe-bound. Here one compare and 8 selects (sorted tables), ~8 integer/select operations
+    (the "mirror" form, FP4) or none (any other table) remain, and 13-30 FMA-pipe operations do
+    the rest (`_count_terms`). On the GPU one inline-PTX block a value
     (``fma.rn.ftz.sat``); in interpret mode the same sums with jnp (``clip(v * B + C, 0, 1)``:
     ``v * B`` is exact for a power of two ``B``, so the unfused form rounds the same)."""
     kind, first, terms = _count_terms(tables)
+    if kind == "mirror":
+        return _encode_mirror(scaled, first, terms, interpret)
     if interpret:
         def sat(b, c):
             return jnp.clip(scaled * np.float32(b) + np.float32(c), np.float32(0), np.float32(1))
@@ -332,6 +365,39 @@ def _encode_count(scaled: jax.Array, tables: CodeTables, interpret: bool) -> jax
             if w:
                 lines.append(f"fma.rn.f32 %a, %s, {_f32_hex(w)}, %a;")
     lines += ["mov.f32 $0, %a;", "}"]
+    (code,) = pltriton.elementwise_inline_asm(
+        "\n".join(lines), args=[scaled], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(scaled.shape, jnp.float32)])
+    return code
+
+
+def _encode_mirror(scaled: jax.Array, ends: tuple[float, ...], terms: tuple, interpret: bool) -> jax.Array:
+    """The "mirror" form of `_encode_count` (see `_count_terms`): 7 saturating FMAs, 6 FMAs and
+    ~8 integer/select operations a value, where the "linear" form takes 30 FMA-pipe operations.
+    The end test ``v >= 2**-126`` counts a subnormal ``v`` as 0, as XLA's flushing compare does."""
+    p0, n0, p1, n1 = ends
+    if interpret:
+        bits = jax.lax.bitcast_convert_type(scaled, jnp.uint32)
+        neg = bits >> 31
+        a = jax.lax.bitcast_convert_type((bits & np.uint32(0x7FFFFFFF)) + neg, jnp.float32)
+        ind = [jnp.clip(a * np.float32(b) + np.float32(c), np.float32(0), np.float32(1)) for b, c, _ in terms]
+        acc = jnp.where(neg == 1, np.float32(n1), np.float32(p1))
+        for (_, _, w), r in zip(terms[1:], ind[1:]):
+            acc = acc + np.float32(w) * r
+        end = jnp.where(scaled >= np.float32(2.0 ** -126), np.float32(p0), np.float32(n0))
+        return jnp.where(ind[0] == 0, end, acc)
+    lines = ["{", ".reg .pred %pn, %pp, %pz;", ".reg .b32 %u, %n;", ".reg .f32 %a, %s, %r, %acc, %e;",
+             "mov.b32 %u, $1;", "shr.u32 %n, %u, 31;", "and.b32 %u, %u, 0x7FFFFFFF;",
+             "add.u32 %u, %u, %n;", "mov.b32 %a, %u;", "setp.ne.u32 %pn, %n, 0;",
+             f"fma.rn.ftz.sat.f32 %r, %a, {_f32_hex(terms[0][0])}, {_f32_hex(terms[0][1])};",
+             f"selp.f32 %acc, {_f32_hex(n1)}, {_f32_hex(p1)}, %pn;"]
+    for b, c, w in terms[1:]:
+        lines += [f"fma.rn.ftz.sat.f32 %s, %a, {_f32_hex(b)}, {_f32_hex(c)};",
+                  f"fma.rn.f32 %acc, %s, {_f32_hex(w)}, %acc;"]
+    lines += [f"setp.ge.f32 %pp, $1, {_f32_hex(2.0 ** -126)};",
+              f"selp.f32 %e, {_f32_hex(p0)}, {_f32_hex(n0)}, %pp;",
+              "setp.eq.f32 %pz, %r, 0f00000000;",
+              "selp.f32 $0, %e, %acc, %pz;", "}"]
     (code,) = pltriton.elementwise_inline_asm(
         "\n".join(lines), args=[scaled], constraints="=f,f", pack=1,
         result_shape_dtypes=[jax.ShapeDtypeStruct(scaled.shape, jnp.float32)])
@@ -379,8 +445,7 @@ def _reciprocal(a: jax.Array, interpret: bool) -> jax.Array:
 def _halves_to_f32(w: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
     """float32 values of the low (even element) and high (odd element) halves of uint32 words."""
     if dtype == "bfloat16":
-        return (jax.lax.bitcast_convert_type(w << 16, jnp.float32),
-                jax.lax.bitcast_convert_type(w & jnp.uint32(0xFFFF0000), jnp.float32))
+        return byte_lut.bf16_halves_f32(w)
     return tuple(jax.lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
                  for h in (w & 0xFFFF, w >> 16))
 
@@ -661,12 +726,15 @@ def _dq_midpoints() -> np.ndarray:
 DQ_MIDPOINTS = _dq_midpoints()
 # the 128 positive midpoints as int32 bit patterns (ascending, as the values are)
 _DQ_POS_BITS = tuple(int(b) for b in DQ_MIDPOINTS[127:].view(np.int32))
+DQ_POSITIVE_BITS = np.asarray(_DQ_POS_BITS, np.int32)
+# How the second-level kernel searches the midpoints (`_encode_dynamic`).
+DQ_SEARCHES = ("gather", "tree")
 _DQ_TILE_ELEMENTS = 512
 # Element offsets are int32 (``block * dq_block_size + column``, masked tail included).
 MAX_DQ_SCALES = 2**30
 
 
-def _encode_dynamic(v: jax.Array) -> jax.Array:
+def _encode_dynamic(v: jax.Array, thresholds: Any = None) -> jax.Array:
     """int32 8-bit code of float32 values: the rank ``#{m : v > m}`` among the 255 midpoints of
     the dynamic map (a value on a midpoint goes lower), what ``jnp.searchsorted(midpoints, v,
     side="left")`` gives, for every finite v (no clip needed: a value a little past ±1 gets
@@ -678,37 +746,48 @@ def _encode_dynamic(v: jax.Array) -> jax.Array:
     with ``u = |v|``, ``v >= 0`` has rank ``127 + #{j : u > P[j]}`` and ``v < 0`` (or -0) has
     ``#{i < 127 : v > -P[126 - i]} = 127 - #{j < 127 : u >= P[j]}``; ``u >= P[j]`` is ``key >
     P[j]`` for ``key = bits(u) + 1``. The count over ``P[0..126]`` is a 7-level branch-free
-    binary search whose thresholds are picked by select trees on constants (120 selects and 7
-    compares; no gather), plus one compare with ``P[127]`` for the positive side."""
+    binary search, plus one compare with ``P[127]`` for the positive side.
+
+    ``thresholds``: where the search reads ``P``. None: select trees on constants (120
+    selects and 7 compares a value; no memory access). A ref (or array) of the 128 int32
+    patterns (`DQ_POSITIVE_BITS`): the first three levels from constants (1 + 2 + 4 leaves;
+    a select tree that small costs about what a gather does, without its latency), the other
+    four as gathers from it (one small table, cached on chip): about 25 operations a value."""
     vb = jax.lax.bitcast_convert_type(v, jnp.int32)
     neg = vb < 0
     key = (vb & np.int32(0x7FFFFFFF)) + jnp.where(neg, np.int32(1), np.int32(0))
     thr = _DQ_POS_BITS
+    levels = 7 if thresholds is None else 3
     bits: list[jax.Array] = []
-    for k in range(6, -1, -1):
+    for k in range(6, 6 - levels, -1):
         leaves = [np.int32(thr[(r << (k + 1)) + (1 << k) - 1]) for r in range(1 << len(bits))]
         bits.append(key > _select_tree(bits, leaves))
-    count = jnp.where(bits[0], np.int32(64), np.int32(0))
-    for w, b in zip((32, 16, 8, 4, 2, 1), bits[1:]):
+    count = jnp.zeros(key.shape, jnp.int32)
+    for w, b in zip((64, 32, 16, 8, 4, 2, 1), bits):
         count = count | jnp.where(b, np.int32(w), np.int32(0))
+    for w in (32, 16, 8, 4, 2, 1)[levels - 1:]:
+        t = thresholds[count + np.int32(w - 1)]
+        count = jnp.where(key > t, count + np.int32(w), count)
     above = jnp.where(key > np.int32(thr[127]), np.int32(1), np.int32(0))
     return jnp.where(neg, np.int32(127) - count, np.int32(127) + count + above)
 
 
-def _dq_block_scales(centred: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _dq_block_scales(centred: jax.Array, interpret: bool = True) -> tuple[jax.Array, jax.Array]:
     """(scale float32 [r], inverse float32 [r]) of centred blocks [r, dq]: ``max |c|``, and its
-    exact reciprocal, 0 for a scale below 2**-126 (zero or subnormal), as ``_scale`` of
+    exact reciprocal (`_reciprocal`: ``rcp.rn`` in a compiled kernel, the integer division
+    otherwise; the same bits), 0 for a scale below 2**-126 (zero or subnormal), as ``_scale`` of
     qlora_jax.quantize. The max is an integer max of the sign-cleared bit patterns (monotone in
     |c| for non-NaN), so a subnormal or NaN element is kept as it is, whatever a float max or
     abs would flush or drop."""
     mag = jax.lax.bitcast_convert_type(centred, jnp.int32) & np.int32(0x7FFFFFFF)
     scale = jax.lax.bitcast_convert_type(jnp.max(mag, axis=1), jnp.float32)
     normal = scale >= np.float32(2.0 ** -126)
-    inv = jnp.where(normal, _exact_reciprocal(jnp.where(normal, scale, np.float32(1))), np.float32(0))
+    inv = jnp.where(normal, _reciprocal(jnp.where(normal, scale, np.float32(1)), interpret), np.float32(0))
     return scale, inv
 
 
-def _double_quantize_kernel(a_ref, off_ref, *refs, block: int, rows: int, n: int):
+def _double_quantize_kernel(a_ref, off_ref, thr_ref, *refs, block: int, rows: int, n: int, search: str,
+                            interpret: bool):
     codes_ref, scale_ref = refs[-2:]   # any refs before them are aliased output buffers
     r0 = pl.program_id(0) * rows       # first second-level block of this program
     row = r0 + jnp.arange(rows, dtype=jnp.int32)
@@ -718,8 +797,9 @@ def _double_quantize_kernel(a_ref, off_ref, *refs, block: int, rows: int, n: int
     centred = a - off_ref[0]
     if mask is not None:
         centred = jnp.where(mask, centred, np.float32(0))   # the XLA path pads centred with 0
-    scale, inv = _dq_block_scales(centred)
-    codes = _encode_dynamic(centred * inv[:, None]).astype(jnp.uint8)
+    scale, inv = _dq_block_scales(centred, interpret)
+    codes = _encode_dynamic(centred * inv[:, None], thr_ref if search == "gather" else None)
+    codes = codes.astype(jnp.uint8)
     if mask is None:
         codes_ref[idx] = codes
     else:
@@ -727,21 +807,24 @@ def _double_quantize_kernel(a_ref, off_ref, *refs, block: int, rows: int, n: int
     _store(scale_ref.at[pl.ds(r0, rows)], scale, _row_mask(r0, rows, -(-n // block)))
 
 
-@functools.partial(jax.jit, static_argnames=("block", "rows", "num_warps", "num_stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block", "rows", "num_warps", "num_stages", "interpret",
+                                             "search"))
 def _double_quantize_call(absmax: jax.Array, offset: jax.Array,
                           init: tuple[jax.Array, jax.Array] | None = None, *, block: int, rows: int,
-                          num_warps: int, num_stages: int, interpret: bool):
+                          num_warps: int, num_stages: int, interpret: bool, search: str = "gather"):
     """The launch. ``init`` (tests): buffers (uint8 [n], float32 [n_scales]) the outputs start
     from (aliased), so that an element the kernel never writes keeps a known pattern."""
     n = absmax.size
     n_scales = -(-n // block)
-    kernel = functools.partial(_double_quantize_kernel, block=block, rows=rows, n=n)
+    kernel = functools.partial(_double_quantize_kernel, block=block, rows=rows, n=n, search=search,
+                               interpret=interpret)
     out_shape = (jax.ShapeDtypeStruct((n,), jnp.uint8), jax.ShapeDtypeStruct((n_scales,), jnp.float32))
-    args = [absmax.reshape(n).astype(jnp.float32), jnp.asarray(offset, jnp.float32).reshape(1)]
+    args = [absmax.reshape(n).astype(jnp.float32), jnp.asarray(offset, jnp.float32).reshape(1),
+            jnp.asarray(DQ_POSITIVE_BITS)]
     aliases = {}
     if init is not None:
         args += [init[0].reshape(n), init[1].reshape(n_scales)]
-        aliases = {2: 0, 3: 1}
+        aliases = {3: 0, 4: 1}
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -770,14 +853,15 @@ def default_dq_blocks(dq_block_size: int, n_scales: int | None = None) -> int:
 
 def double_quantize_pallas(absmax: jax.Array, offset: jax.Array | float, dq_block_size: int = 256, *,
                            blocks_per_program: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 1, interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                           num_stages: int = 1, search: str = "gather",
+                           interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """The second level of double quantization in one pass, given the offset: centre, per-block
     absmax, exact reciprocal scale, 8-bit encode (what ``qlora_jax.quantize.double_quantize``
     computes with that ``offset``, bit for bit).
 
     Per second-level block of ``dq_block_size`` scales: ``c = absmax - offset`` (float32),
     ``scale = max |c|`` (a ragged last block counts its missing elements as 0, as the XLA path's
-    zero padding does), ``inv`` = the correctly rounded ``1 / scale`` (`_exact_reciprocal`; 0
+    zero padding does), ``inv`` = the correctly rounded ``1 / scale`` (`_reciprocal`; 0
     for a scale below 2**-126, so such a block encodes every value as code 127, the zero of the
     map), and ``code = #{m : c * inv > m}`` over the 255 midpoints of the signed dynamic map
     (ties go to the lower code; `_encode_dynamic`). A program owns ``blocks_per_program`` whole
@@ -792,9 +876,10 @@ def double_quantize_pallas(absmax: jax.Array, offset: jax.Array | float, dq_bloc
     centred value (absmax and offset both below ~2**-102) is flushed or not as the platform's
     float subtract does, as in XLA.
 
-    Measured on an H200 (1M scales, dq 256, the kernel alone): 31 µs at the earlier default (2K
-    scales a program, 4 warps), 20 µs at the sweep's best, now the default (512 scales, 8 warps);
-    XLA's centre + block scales + encode take 69 µs.
+    Measured on an H200 (1M scales, dq 256, the kernel alone from L2, 512 scales a program, 8
+    warps; second session of 2026-12-01). The "gather" search takes 3-5 µs and "tree" 7-11 µs in
+    four runs. XLA's centre + block scales + encode takes 53-57 µs. Inside a whole NF4+DQ quantize
+    the gather kernel costs about 7 µs under ncu.
 
     Args:
       absmax: float32 first-level scales (any shape; flattened), ``0 < size < MAX_DQ_SCALES``.
@@ -803,6 +888,9 @@ def double_quantize_pallas(absmax: jax.Array, offset: jax.Array | float, dq_bloc
       blocks_per_program: second-level blocks a program (power of two; default
         `default_dq_blocks`).
       num_warps, num_stages: Triton launch parameters.
+      search: how the encode searches the midpoints, in `DQ_SEARCHES` (`_encode_dynamic`):
+        "gather" (default; four gathers from a 512-byte table) or "tree" (select trees on
+        constants); the same codes.
       interpret: run in the Pallas interpreter (CPU tests).
     Returns:
       (codes uint8 [absmax.size], scale float32 [ceil(absmax.size / dq_block_size)]).
@@ -820,9 +908,11 @@ def double_quantize_pallas(absmax: jax.Array, offset: jax.Array | float, dq_bloc
     rows = default_dq_blocks(dq_block_size, n_scales) if blocks_per_program is None else blocks_per_program
     warps = 8 if num_warps is None else num_warps
     _check_launch(rows, warps, num_stages)
+    if search not in DQ_SEARCHES:
+        raise ValueError(f"search must be one of {DQ_SEARCHES}, got {search!r}")
     return _double_quantize_call(absmax, offset, block=int(dq_block_size), rows=int(rows),
                                  num_warps=int(warps), num_stages=int(num_stages),
-                                 interpret=bool(interpret))
+                                 interpret=bool(interpret), search=search)
 
 
 # --------------------------------------------------------------------------------------------

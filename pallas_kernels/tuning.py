@@ -68,8 +68,16 @@ _INF = 1 << 62
 #   M=16 0.0367 ms, bitsandbytes 0.0703 ms; plain XLA NF4 0.19-0.21 ms.
 # - forward, M=4096, K=4096 N=11008: 1.32 ms = 2.51x bf16 (0.529 ms; "tree": 1.87 ms); input
 #   gradient 1.32 ms = 2.64x. Plain XLA NF4 is ~1.2x bf16 there, so these stay declined.
+# - decode, second sweep of 2026-12-01 (word-pair CUDA-core path, `nf4_decode`): at M=1 the best
+#   of 13 configs is 64 rows, 64-wide K steps, 16 K splits, 2 warps, 4 stages, no dot: 0.0284 ms
+#   = 1.08x bf16 at K=4096 N=11008 (the dot config 0.0352 ms in the same run) and 0.0129 ms =
+#   1.47x at K=N=4096 (dot 0.0156). At M=4 the word path loses (best 2.46x, dot 1.60x). A third
+#   round of 8 neighbours found nothing faster. Table run (`--quick`, same session): M=1 0.0284
+#   ms = 1.06x bf16, bitsandbytes 0.0279 ms; M=16 0.0361 ms, bitsandbytes 0.0725 ms.
 _HOPPER = {
     "decode": (
+        Entry(1, TileConfig(block_n=64, block_k=64, split_k=16, num_warps=2, num_stages=4, lut="prmt",
+                            use_dot=False), True),
         Entry(16, TileConfig(block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=3, lut="prmt",
                              use_dot=True), True),
     ),

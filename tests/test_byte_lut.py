@@ -169,3 +169,17 @@ def test_ptx_kernels_lower_to_triton(dtype):
     words = lambda p, s: (byte_lut.decode_words(p, TABLES["nf4"], dtype, s, interpret=False),)  # noqa: E731
     lowers_for_h100(lambda p, s: _run_in_kernel(words, p, s, out_shapes=[jax.ShapeDtypeStruct(tile.shape, jnp.int32)]),
                     tile, jax.ShapeDtypeStruct(tile.shape, jnp.float32))
+
+
+def test_bf16_halves_f32_equals_the_split_halves():
+    """The shift/mask float32 view of bf16 pair words equals splitting them and converting, for
+    int32 and uint32 words (random patterns, NaN/Inf/subnormal halves included)."""
+    rng = np.random.default_rng(11)
+    bits = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    for words in (jnp.asarray(bits), jnp.asarray(bits.view(np.int32))):
+        lo, hi = byte_lut.bf16_halves_f32(words)
+        want_lo, want_hi = byte_lut.split_pair_words(jnp.asarray(bits.view(np.int32)), jnp.bfloat16)
+        for got, want in ((lo, want_lo), (hi, want_hi)):
+            g = np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint32))
+            w = np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)).astype(np.uint32) << 16
+            np.testing.assert_array_equal(g, w)

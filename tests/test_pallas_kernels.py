@@ -179,6 +179,10 @@ DECODE_CASES = [
     (23, 16, 64, 256, 128, None, TileConfig(block_n=64, block_k=64, split_k=1, use_dot=True, lut="poly")),
     (24, 1, 72, 256, 64, 256, TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt")),
     (25, 9, 80, 256, 32, 64, TileConfig(block_n=16, block_k=64, split_k=1, use_dot=True, lut="prmt")),
+    # the word-pair path (bf16 x as int32 words, "prmt"), several rows and blocks of 32 in a step
+    (26, 3, 72, 256, 32, 256, TileConfig(block_n=32, block_k=128, split_k=1, use_dot=False, lut="prmt")),
+    # the even/odd float32 path with "prmt32"
+    (27, 2, 72, 256, 64, 256, TileConfig(block_n=32, block_k=64, split_k=2, use_dot=False, lut="prmt32")),
 ]
 
 
@@ -247,6 +251,10 @@ LOWERING_CASES = [
      TileConfig(block_n=32, block_k=256, split_k=1, use_dot=True, lut="prmt")),
     ("decode", 3, 200, 512, 64, 256, jnp.bfloat16,
      TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt")),
+    ("decode", 2, 200, 512, 64, 256, jnp.float16,
+     TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt")),
+    ("decode", 1, 200, 512, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=64, block_k=128, split_k=2, use_dot=False, lut="prmt32")),
     ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="tree")),
 ]
 

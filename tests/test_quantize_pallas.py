@@ -257,6 +257,22 @@ def test_count_encoder_matches_xla(fmt):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(np.float32))
 
 
+def test_encode_count_linear_form_on_a_permuted_table():
+    """A table with permuted codes that is not sign-symmetric takes the "linear" form; it too
+    equals the XLA path's rank-and-lookup (ties, neighbours of midpoints, ±0, random values)."""
+    rng = np.random.default_rng(7)
+    values = rng.permutation(formats.get_format("nf4").values).astype(np.float32)
+    f = formats.Format("permuted nf4", values, None)
+    t = pq.code_tables(values)
+    assert pq._count_terms(t)[0] == "linear" and pq._mirror_codes(t) is None
+    m = f.midpoints
+    v = np.concatenate([m, np.nextafter(m, np.float32(2)), np.nextafter(m, np.float32(-2)), values,
+                        [0.0, -0.0, 1.0, -1.0], rng.uniform(-1, 1, 5000)]).astype(np.float32)
+    got = pq._encode_count(jnp.asarray(v), t, interpret=True)
+    want = qmod._encode(jnp.asarray(v), f)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want).astype(np.float32))
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_count_terms_step_exactly_at_each_midpoint(fmt):
     """Each saturating term is exactly 0 at its midpoint and at least 1 at the next float above
@@ -265,9 +281,14 @@ def test_count_terms_step_exactly_at_each_midpoint(fmt):
     t = pq.code_tables(formats.get_format(fmt).values)
     kind, _, terms = pq._count_terms(t)
     mids = np.asarray(t.midpoints, np.float32)
-    pairs = ([(mids[j], b, c_lo) for j, (b, c_lo, _) in enumerate(terms)]
-             + [(mids[8 + j], b, c_hi) for j, (b, _, c_hi) in enumerate(terms)]
-             if kind == "split" else [(mids[i], b, c) for i, (b, c, _) in enumerate(terms)])
+    if kind == "split":
+        pairs = ([(mids[j], b, c_lo) for j, (b, c_lo, _) in enumerate(terms)]
+                 + [(mids[8 + j], b, c_hi) for j, (b, _, c_hi) in enumerate(terms)])
+    elif kind == "mirror":   # the seven positive midpoints, counted on |v|
+        pairs = [(mids[8 + j], b, c) for j, (b, c, _) in enumerate(terms)]
+    else:
+        pairs = [(mids[i], b, c) for i, (b, c, _) in enumerate(terms)]
+    assert kind == ("split" if t.sorted_is_identity else "mirror" if fmt.startswith("fp4") else kind)
     for m, b, c in pairs:
         assert np.float32(c) == c and np.float32(b) == b   # exact float32 constants
         # above 0 the first float that counts is the smallest normal (subnormals count as 0)
@@ -450,17 +471,20 @@ def test_dq_midpoints_match_formats():
     assert_bits_equal(_common.DYNAMIC_MAP, formats.dynamic_map(), "dynamic map")
 
 
-def test_encode_dynamic_matches_searchsorted():
-    """The symmetric binary search equals the XLA path's ``searchsorted(compare_all)`` on the
-    clipped values: midpoints (ties go lower), their float32 neighbours, the map's values, ±0,
-    ±1 and just past, tiny and random values."""
+@pytest.mark.parametrize("search", pq.DQ_SEARCHES)
+def test_encode_dynamic_matches_searchsorted(search):
+    """The symmetric binary search (from constants, or gathering from the threshold table)
+    equals the XLA path's ``searchsorted(compare_all)`` on the clipped values: midpoints (ties
+    go lower), their float32 neighbours, the map's values, ±0, ±1 and just past, tiny and
+    random values."""
     m = DQ_MIDS
     v = np.concatenate([m, np.nextafter(m, np.float32(2)), np.nextafter(m, np.float32(-2)),
                         formats.dynamic_map(), -formats.dynamic_map(),
                         [0.0, -0.0, 1.0, -1.0, 1.0000001, -1.0000001, 1e-30, -1e-30, 2.0 ** -126],
                         np.random.default_rng(2).uniform(-1, 1, 20000),
                         np.random.default_rng(3).uniform(-1, 1, 5000) * 1e-4]).astype(np.float32)
-    got = np.asarray(jax.jit(pq._encode_dynamic)(jnp.asarray(v)))
+    table = jnp.asarray(pq.DQ_POSITIVE_BITS) if search == "gather" else None
+    got = np.asarray(jax.jit(pq._encode_dynamic)(jnp.asarray(v), table))
     want = jnp.searchsorted(jnp.asarray(m), jnp.clip(jnp.asarray(v), -1, 1), side="left",
                             method="compare_all")
     np.testing.assert_array_equal(got, np.asarray(want))
@@ -494,10 +518,11 @@ def test_dq_kernel_matches_xla(n, block, rows, offset):
     assert_bits_equal(ref_scale, want_scale, "reference scales")
     if offset != "mean" and n >= block:
         assert count_dq_ties(a, offset, block) >= 16   # the inputs hold exact ties
-    # the public wrapper, default tiles
-    got = pq.double_quantize_pallas(aj, off, block, interpret=INTERPRET)
-    assert_bits_equal(got[0], want_codes, "codes (default tiles)")
-    assert_bits_equal(got[1], want_scale, "scales (default tiles)")
+    # the public wrapper, default tiles, each search
+    for search in pq.DQ_SEARCHES:
+        got = pq.double_quantize_pallas(aj, off, block, search=search, interpret=INTERPRET)
+        assert_bits_equal(got[0], want_codes, f"codes (default tiles, search={search})")
+        assert_bits_equal(got[1], want_scale, f"scales (default tiles, search={search})")
 
 
 def _adversarial_scales() -> dict[str, np.ndarray]:
@@ -540,6 +565,8 @@ def test_dq_argument_checks():
         pq.double_quantize_pallas(a, jnp.ones(2))
     with pytest.raises(ValueError, match="rows_per_program"):
         pq.double_quantize_pallas(a, 0.5, 64, blocks_per_program=3)
+    with pytest.raises(ValueError, match="search"):
+        pq.double_quantize_pallas(a, 0.5, 64, search="linear")
     assert pq.default_dq_blocks(256) == 2 and pq.default_dq_blocks(64) == 8
     assert pq.default_dq_blocks(4096) == 1 and pq.default_dq_blocks(256, 1) == 1
     assert pq.dq_supported(1, 64) and not pq.dq_supported(1, 32) and not pq.dq_supported(0, 256)
@@ -636,11 +663,16 @@ def test_non_finite_input():
 # Lowering to Triton without a GPU
 
 
-@pytest.mark.parametrize("fmt,block_size,dtype,n_blocks", [("fp4", 4096, BF16, 3), ("nf4", 32, F16, 1000)])
+@pytest.mark.parametrize("fmt,block_size,dtype,n_blocks", [("fp4", 4096, BF16, 3), ("nf4", 32, F16, 1000),
+                                                          ("permuted nf4", 64, BF16, 10)])
 def test_kernels_lower_to_triton(fmt, block_size, dtype, n_blocks):
     """Both kernels (dequantize with each lookup) lower to verified Triton IR for an H100 (every
-    primitive has a Triton lowering rule; compiling the IR to PTX still needs the GPU)."""
-    values = formats.get_format(fmt).values
+    primitive has a Triton lowering rule; compiling the IR to PTX still needs the GPU), with
+    each form of the encoder (split: NF4, mirror: FP4, linear: a permuted table)."""
+    if fmt == "permuted nf4":
+        values = np.random.default_rng(7).permutation(formats.get_format("nf4").values)
+    else:
+        values = formats.get_format(fmt).values
     n = n_blocks * block_size
     lowers_for_h100(lambda a: pq.quantize_blocks_pallas(a, values, block_size),
                     jax.ShapeDtypeStruct((n,), dtype))
@@ -653,10 +685,12 @@ def test_kernels_lower_to_triton(fmt, block_size, dtype, n_blocks):
                         jax.ShapeDtypeStruct((n_blocks,), jnp.float32))
 
 
+@pytest.mark.parametrize("search", pq.DQ_SEARCHES)
 @pytest.mark.parametrize("n,dq_block_size", [(1 << 20, 256), (4096 + 3, 256), (1, 4096)])
-def test_dq_kernel_lowers_to_triton(n, dq_block_size):
-    """The second-level kernel lowers to verified Triton IR for an H100 (whole and ragged tiles)."""
-    lowers_for_h100(lambda a, o: pq.double_quantize_pallas(a, o, dq_block_size),
+def test_dq_kernel_lowers_to_triton(n, dq_block_size, search):
+    """The second-level kernel lowers to verified Triton IR for an H100 (whole and ragged tiles,
+    each search)."""
+    lowers_for_h100(lambda a, o: pq.double_quantize_pallas(a, o, dq_block_size, search=search),
                     jax.ShapeDtypeStruct((n,), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
 
 
@@ -742,4 +776,8 @@ def test_gpu_double_quantize_1m():
         want_codes, want_scale, _ = qmod.double_quantize(a, 256, offset=off)
         assert_bits_equal(codes, want_codes, f"{name}: kernel codes")
         assert_bits_equal(scale, want_scale, f"{name}: kernel scales")
+        for search in pq.DQ_SEARCHES:
+            got = pq.double_quantize_pallas(a, off, 256, search=search)
+            assert_bits_equal(got[0], want_codes, f"{name}: codes (search={search})")
+            assert_bits_equal(got[1], want_scale, f"{name}: scales (search={search})")
     assert count_dq_ties(np.asarray(cases["ties"]), 0.0375, 256) >= 1000
