@@ -30,6 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import quantize as pq  # noqa: E402
+from pallas_kernels import tuning  # noqa: E402
 from pallas_kernels.tuning import TileConfig  # noqa: E402
 import qlora_jax as qj  # noqa: E402
 
@@ -55,14 +56,15 @@ def main() -> None:
     x1 = jax.random.normal(jax.random.key(2), (1, k), jnp.bfloat16)
     xm = jax.random.normal(jax.random.key(3), (4096, k), jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(4), (4096, n), jnp.bfloat16)
+    # the tuning table's configs, and the select-tree decode of 2026-11-23 as the baseline
     dec = {"tree": TileConfig(block_n=32, block_k=64, split_k=8, num_warps=2, num_stages=3, lut="tree", use_dot=False),
-           "prmt": TileConfig(block_n=32, block_k=256, split_k=1, num_warps=4, num_stages=3, lut="prmt", use_dot=True)}
+           "table": tuning.get_config("decode", 1, n, k, 64)}
     for name, cfg in dec.items():
         runs.append((f"decode {name}", lambda a, *w, cfg=cfg: pk.matmul_nt(a, *w, **lay, config=cfg), (x1, *args)))
-    fwd = TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, lut="prmt")
-    runs.append(("forward prmt", lambda a, *w: pk.matmul_nt(a, *w, **lay, config=fwd), (xm, *args)))
-    bwd = TileConfig(block_m=256, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3, lut="prmt")
-    runs.append(("input_grad prmt", lambda a, *w: pk.matmul_nn(a, *w, **lay, config=bwd), (dy, *args)))
+    fwd = tuning.get_config("forward", 4096, n, k, 64)
+    runs.append(("forward table", lambda a, *w: pk.matmul_nt(a, *w, **lay, config=fwd), (xm, *args)))
+    bwd = tuning.get_config("input_grad", 4096, n, k, 64)
+    runs.append(("input_grad table", lambda a, *w: pk.matmul_nn(a, *w, **lay, config=bwd), (dy, *args)))
     for name, fn, a in runs:
         f = jax.jit(fn)
         try:

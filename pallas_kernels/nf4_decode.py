@@ -83,8 +83,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
 
     def weight_tile(kk, dtype):
         wp, scales = packed_tile(kk)
-        return _common.dequant_tile(spec, wp, scales, dtype, cfg.lut, lut_ref,
-                                         interpret=interpret)
+        return _common.dequant_tile(spec, wp, scales, dtype, cfg.lut, lut_ref, interpret=interpret)
 
     if cfg.use_dot:
         mask_x = (jnp.arange(mp) < m)[:, None] if m < mp else None
@@ -137,7 +136,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
                 wp, scales = packed_tile(kk)
                 # float32 weights: no rounding of the weight at all
                 w_even, w_odd = _common.dequant_pair(spec, wp, scales, jnp.float32, cfg.lut, lut_ref,
-                                         interpret=interpret)
+                                                     interpret=interpret)
                 for r in range(m):
                     row = jnp.full((1, 1), r, jnp.int32)
                     x_even = pltriton.load(x_ref.at[row, kk + cols]).astype(jnp.float32)

@@ -64,8 +64,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, i
             ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
             wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
             scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
-            w = _common.dequant_tile(spec, wp, scales, xt.dtype, cfg.lut, lut_ref,
-                                         interpret=interpret)
+            w = _common.dequant_tile(spec, wp, scales, xt.dtype, cfg.lut, lut_ref, interpret=interpret)
             acc += jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())),
                                        preferred_element_type=jnp.float32)
         return acc

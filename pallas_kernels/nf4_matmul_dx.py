@@ -75,8 +75,7 @@ def _kernel(dy_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, 
             ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
             wp = ws[...] if rows_ok is None else pltriton.load(ws, mask=rows_ok[:, None], other=0)
             scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, rows_ok)
-            w = _common.dequant_tile(spec, wp, scales, dyt.dtype, cfg.lut, lut_ref,
-                                         interpret=interpret)
+            w = _common.dequant_tile(spec, wp, scales, dyt.dtype, cfg.lut, lut_ref, interpret=interpret)
             new.append(accs[j] + jax.lax.dot_general(dyt, w, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32))
         return tuple(new)

@@ -258,6 +258,15 @@ def _f32_hex(v: float) -> str:
     return "0f%08X" % int(np.float32(v).view(np.uint32))
 
 
+def _ptx_f32(ptx: str, x: jax.Array) -> jax.Array:
+    """float32 result (``$0``) of an inline-PTX block over one float32 operand (``$1``), element
+    by element (GPU only; the callers model the same arithmetic in jnp for interpret mode)."""
+    (out,) = pltriton.elementwise_inline_asm(
+        ptx, args=[x], constraints="=f,f", pack=1,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+    return out
+
+
 @functools.lru_cache(maxsize=32)
 def _count_terms(tables: CodeTables) -> tuple:
     """The terms of the arithmetic encoder (`_encode_count`): per midpoint ``m`` a power of two
@@ -292,8 +301,9 @@ def _count_terms(tables: CodeTables) -> tuple:
     mirror = _mirror_codes(tables)
     if mirror is not None:
         pos, neg = mirror
-        terms = tuple((power([mids[8 + j]]), -mids[8 + j] * power([mids[8 + j]]),
-                       float(pos[j + 1] - pos[j]) if j else 0.0) for j in range(7))
+        bs = [power([mids[8 + j]]) for j in range(7)]
+        terms = tuple((b, -mids[8 + j] * b, float(pos[j + 1] - pos[j]) if j else 0.0)
+                      for j, b in enumerate(bs))
         return ("mirror", (float(pos[0]), float(neg[0]), float(pos[1]), float(neg[1])), terms)
     terms = []
     for i, m in enumerate(mids):
@@ -336,19 +346,18 @@ def _encode_count(scaled: jax.Array, tables: CodeTables, interpret: bool) -> jax
     if kind == "mirror":
         return _encode_mirror(scaled, first, terms, interpret)
     if interpret:
-        def sat(b, c):
-            return jnp.clip(scaled * np.float32(b) + np.float32(c), np.float32(0), np.float32(1))
+        def sat(b, c):   # c: a constant, or per value
+            return jnp.clip(scaled * np.float32(b) + c, np.float32(0), np.float32(1))
 
         if kind == "split":
             hi = scaled > np.float32(first)
             acc = jnp.where(hi, np.float32(8), np.float32(0))
             for b, c_lo, c_hi in terms:
-                c = jnp.where(hi, np.float32(c_hi), np.float32(c_lo))
-                acc = acc + jnp.clip(scaled * np.float32(b) + c, np.float32(0), np.float32(1))
+                acc = acc + sat(b, jnp.where(hi, np.float32(c_hi), np.float32(c_lo)))
             return acc
         acc = jnp.full(scaled.shape, np.float32(first))
         for b, c, w in terms:
-            acc = acc + np.float32(w) * sat(b, c)
+            acc = acc + np.float32(w) * sat(b, np.float32(c))
         return acc
     lines = ["{", ".reg .pred %p;", ".reg .f32 %c, %s, %a;"]
     if kind == "split":
@@ -365,10 +374,7 @@ def _encode_count(scaled: jax.Array, tables: CodeTables, interpret: bool) -> jax
             if w:
                 lines.append(f"fma.rn.f32 %a, %s, {_f32_hex(w)}, %a;")
     lines += ["mov.f32 $0, %a;", "}"]
-    (code,) = pltriton.elementwise_inline_asm(
-        "\n".join(lines), args=[scaled], constraints="=f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(scaled.shape, jnp.float32)])
-    return code
+    return _ptx_f32("\n".join(lines), scaled)
 
 
 def _encode_mirror(scaled: jax.Array, ends: tuple[float, ...], terms: tuple, interpret: bool) -> jax.Array:
@@ -398,10 +404,7 @@ def _encode_mirror(scaled: jax.Array, ends: tuple[float, ...], terms: tuple, int
               f"selp.f32 %e, {_f32_hex(p0)}, {_f32_hex(n0)}, %pp;",
               "setp.eq.f32 %pz, %r, 0f00000000;",
               "selp.f32 $0, %e, %acc, %pz;", "}"]
-    (code,) = pltriton.elementwise_inline_asm(
-        "\n".join(lines), args=[scaled], constraints="=f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(scaled.shape, jnp.float32)])
-    return code
+    return _ptx_f32("\n".join(lines), scaled)
 
 
 def _exact_reciprocal(a: jax.Array) -> jax.Array:
@@ -436,9 +439,7 @@ def _reciprocal(a: jax.Array, interpret: bool) -> jax.Array:
     the result past 2**126 set to 0 as there; in interpret mode the integer version itself."""
     if interpret:
         return _exact_reciprocal(a)
-    (r,) = pltriton.elementwise_inline_asm(
-        "rcp.rn.f32 $0, $1;", args=[a], constraints="=f,f", pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.float32)])
+    r = _ptx_f32("rcp.rn.f32 $0, $1;", a)
     return jnp.where(a <= np.float32(2.0 ** 126), r, jnp.float32(0))
 
 
@@ -446,8 +447,7 @@ def _halves_to_f32(w: jax.Array, dtype: str) -> tuple[jax.Array, jax.Array]:
     """float32 values of the low (even element) and high (odd element) halves of uint32 words."""
     if dtype == "bfloat16":
         return byte_lut.bf16_halves_f32(w)
-    return tuple(jax.lax.bitcast_convert_type(h.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
-                 for h in (w & 0xFFFF, w >> 16))
+    return tuple(h.astype(jnp.float32) for h in byte_lut.split_pair_words(w, jnp.float16))
 
 
 def _pattern_to_f32(bits: jax.Array, dtype: str) -> jax.Array:
