@@ -4,6 +4,8 @@
         --section SchedulerStats --section WarpStateStats -k regex:'quantize|nf4_' \
         python benchmarks/ncu_probe.py
 
+``--quantize-configs ENC:ROWS:WARPS ...`` runs only the first-level quantize kernel in each of
+those configurations (encoder, blocks a program, warps), twice each.
 ``--pipeline`` runs only ``qlora_jax.quantize(x, "nf4", double_quant=True, backend="pallas")`` on
 the same input (twice: compile, then the launch worth profiling), for a per-kernel breakdown of
 the whole call, XLA's kernels included:
@@ -37,6 +39,17 @@ import qlora_jax as qj  # noqa: E402
 
 def main() -> None:
     x = jax.random.normal(jax.random.key(0), (8192 * 8192,), jnp.float32).astype(jnp.bfloat16)
+    if "--quantize-configs" in sys.argv[1:]:
+        # the first-level kernel by encoder and tile: "encoder:rows:warps" after the flag
+        specs = sys.argv[sys.argv.index("--quantize-configs") + 1:]
+        for spec in specs:
+            enc, rows, warps = spec.split(":")
+            f = jax.jit(lambda a, enc=enc, rows=int(rows), warps=int(warps): pq.quantize_blocks_pallas(
+                a, "nf4", 64, encoder=enc, rows_per_program=rows, num_warps=warps))
+            for _ in range(2):
+                jax.block_until_ready(f(x))
+            print(f"ran quantize {spec}", flush=True)
+        return
     if "--pipeline" in sys.argv[1:]:
         for _ in range(2):
             jax.block_until_ready(qj.quantize(x, "nf4", 64, double_quant=True, backend="pallas"))

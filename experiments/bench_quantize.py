@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
                    help="second-level block of the double-quantization rows (default 256)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the bare Pallas kernels over tiles x num_warps")
+    p.add_argument("--sweep-quantize", action="store_true",
+                   help="time only the bare quantize kernel (NF4) over encoder x tile x num_warps x "
+                        "tiles-per-program")
     p.add_argument("--sweep-dq", action="store_true",
                    help="also time the second-level kernel over blocks-per-program x num_warps x search")
     p.add_argument("--breakdown", action="store_true",
@@ -185,6 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
         rows += _breakdown(x, bs, args.dq_block_size, timer, reps, in_bytes, t_copy, interpret=not on_gpu)
     if args.sweep:
         rows += _sweep(x, bs, timer, reps, in_bytes, t_copy, interpret=not on_gpu)
+    if args.sweep_quantize:
+        rows += _sweep_quantize(x, bs, timer, reps, in_bytes, t_copy, interpret=not on_gpu)
     if args.sweep or args.sweep_dq:
         rows += _sweep_dq(absmax, args.dq_block_size, timer, reps, interpret=not on_gpu)
 
@@ -244,10 +249,17 @@ def _breakdown(x: jax.Array, bs: int, dq: int, timer: Callable, reps: int, in_by
                interpret: bool) -> list[dict]:
     """The Pallas NF4+DQ quantize built up stage by stage, each row timed whole on the same input
     (so a row minus the one above is what that stage adds, launch gaps included): the first level
-    alone, with the finite check, with the mean, and with the second level by each search."""
+    alone (by each encoder that serves the input), with the finite check, with the mean, and with
+    the second level by each search."""
     from pallas_kernels import quantize as pq
 
     values = tuple(float(v) for v in qj.formats.get_format("nf4").values)
+    default = pq.resolve_encoder(None, values, x.dtype)
+    others = ["count"] if default != "count" else []   # the other encoder, where one serves
+    rows = [_row("nf4+dq stages", "pallas", f"dq{dq}",
+                 timer(lambda a, e=e: pq.quantize_blocks_pallas(a.reshape(-1), values, bs, encoder=e,
+                                                                interpret=interpret), (x,), reps),
+                 in_bytes, t_copy, config=f"first level (encoder={e})") for e in others]
 
     def first(a):
         return pq.quantize_blocks_pallas(a.reshape(-1), values, bs, interpret=interpret)
@@ -260,15 +272,15 @@ def _breakdown(x: jax.Array, bs: int, dq: int, timer: Callable, reps: int, in_by
         packed, absmax, ok = finite(a)
         return packed, absmax, ok, jax.lax.optimization_barrier(qmod._exact_mean(absmax))
 
-    stages = [("first level", first), ("+ finite check", finite), ("+ mean", mean)]
+    stages = [(f"first level (encoder={default})", first), ("+ finite check", finite), ("+ mean", mean)]
     for search in pq.DQ_SEARCHES:
         def full(a, search=search):
             packed, absmax, ok, offset = mean(a)
             codes, scale = pq.double_quantize_pallas(absmax, offset, dq, search=search, interpret=interpret)
             return packed, codes, scale, offset, ok
         stages.append((f"+ second ({search})", full))
-    return [_row("nf4+dq stages", "pallas", f"dq{dq}", timer(fn, (x,), reps), in_bytes, t_copy, config=name)
-            for name, fn in stages]
+    return rows + [_row("nf4+dq stages", "pallas", f"dq{dq}", timer(fn, (x,), reps), in_bytes, t_copy,
+                        config=name) for name, fn in stages]
 
 
 def _sweep_dq(absmax: jax.Array, dq: int, timer: Callable, reps: int, interpret: bool) -> list[dict]:
@@ -291,6 +303,37 @@ def _sweep_dq(absmax: jax.Array, dq: int, timer: Callable, reps: int, interpret:
             print(f"sweep {config}: {type(e).__name__}: {str(e)[:200]}")
             continue
         out.append(_row("dq_kernel", "pallas", f"dq{dq}", t, a_bytes, t_copy, config=config))
+    return out
+
+
+def _sweep_quantize(x: jax.Array, bs: int, timer: Callable, reps: int, in_bytes: int, t_copy: float,
+                    interpret: bool) -> list[dict]:
+    """The bare NF4 quantize kernel over encoder x elements a program x num_warps x (tiles a
+    program, stages), each configuration's bytes checked against the first one's."""
+    from pallas_kernels import quantize as pq
+
+    values = tuple(float(v) for v in qj.formats.get_format("nf4").values)
+    encoders = ["count"] + (["f16x2"] if pq.resolve_encoder(None, values, x.dtype) == "f16x2" else [])
+    first = None
+    out = []
+    for enc, elems, warps, (tiles, stages) in itertools.product(
+            encoders, (2048, 4096, 8192), (4, 8), ((1, 1), (4, 2))):
+        rows = max(1, elems // bs)
+        cfg = dict(rows_per_program=rows, num_warps=warps, tiles_per_program=tiles, num_stages=stages,
+                   encoder=enc, interpret=interpret)
+        config = f"encoder={enc} rows={rows} ({rows * bs} elems) warps={warps} tiles={tiles} stages={stages}"
+        try:
+            fn = lambda a, cfg=cfg: pq.quantize_blocks_pallas(a, values, bs, **cfg)
+            got = jax.jit(fn)(x)
+            first = got if first is None else first
+            same = all(bool(jnp.array_equal(a, b)) for a, b in zip(got, first))
+            t = timer(fn, (x,), reps)
+        except Exception as e:  # a configuration Triton cannot compile: report, go on
+            print(f"sweep {config}: {type(e).__name__}: {str(e)[:200]}")
+            continue
+        out.append(_row("quantize_kernel", "pallas", "nf4", t, in_bytes, t_copy, config=config,
+                        bytes_equal=same))
+        print(f"{config}: {t * 1e3:.4f} ms{'' if same else '  BYTES DIFFER'}", flush=True)
     return out
 
 

@@ -53,33 +53,43 @@ need no wgmma or TMA, only wide coalesced loads and stores and register math, wh
 generates; the same kernel body runs in CPU interpret mode for the tests, and the lowering is
 the same on jax 0.11.2 and 0.12.
 
-Where the instructions go (Nsight Compute on an H200, 2026-12-01): the first versions were
-bound by the integer/logic pipe (SM throughput 92%, memory 34%; "waiting for the execution
-pipe"), which issues at half the FMA pipe's rate on Hopper. So the hot paths now avoid it:
+Where the instructions go (Nsight Compute on an H200, 2026-12-01 and 2026-12-02): the first
+versions were bound by the integer/logic pipe (SM throughput 92%, memory 34%; "waiting for the
+execution pipe"), which issues at half the FMA pipe's rate on Hopper. So the hot paths now
+avoid it:
 
-- quantize encodes by counting midpoints with saturating FMAs (`_encode_count`: one compare
-  and 8 selects a value for sorted tables, 7 counted midpoints on |v| for FP4's sign-symmetric
-  table), and takes the block reciprocal from
-  one IEEE ``rcp.rn.f32`` (the same correctly rounded bits as the integer long division of
-  `_exact_reciprocal`, which the interpreter and the references still use);
+- bf16 NF4/Int4 quantize (``encoder="f16x2"``, the default there) encodes both elements of a
+  word at once in packed float16 arithmetic against per-block thresholds looked up by the
+  absmax mantissa (`_f16x2_table`, `_encode_f16x2`): ~43 SASS instructions a word where the
+  "count" encoder takes ~65, and no reciprocal. Its table is stored word-major so that one
+  warp-wide lookup touches a few cache lines: stored block-major it made the kernel L1-bound
+  (L1 pipe 79% busy, slower than "count");
+- other quantize calls (f16 input, FP4, any table) count midpoints with saturating FMAs
+  (``encoder="count"``, `_encode_count`: one compare and 8 selects a value for sorted tables,
+  7 counted midpoints on |v| for FP4's sign-symmetric table), and take the block reciprocal
+  from one IEEE ``rcp.rn.f32`` (the same correctly rounded bits as the integer long division
+  of `_exact_reciprocal`, which the interpreter and the references use);
 - dequantize looks codes up by byte permutes (``lut="prmt"``, `pallas_kernels.byte_lut`: the
   exact float32 table values, times the scale, rounded once: the same bits as "tree").
 
-Both reach the GPU as inline PTX; in interpret mode the same arithmetic runs as jnp, so the CPU
-tests check the algorithm bit for bit and the GPU tests the PTX.
+All reach the GPU as inline PTX; in interpret mode the same arithmetic runs as jnp, so the CPU
+tests check the algorithm bit for bit (the "f16x2" one exhaustively: every bf16 value under
+every absmax mantissa) and the GPU tests the PTX.
 
 Tuning knobs are arguments: ``rows_per_program`` (default: a tile of ~4K elements, `default_rows`),
 ``num_warps`` (default 4 for tiles up to 4K elements, else 8), ``num_stages`` (1: no loop
 to pipeline), ``tiles_per_program`` (default 1: consecutive tiles walked in a loop, with
 ``num_stages > 1`` to prefetch; it did not help on the H200). The defaults are the best of the
-tile sweeps on an H200 (``experiments/bench_quantize.py --sweep``).
+tile sweeps on an H200 (``experiments/bench_quantize.py --sweep``; ``--sweep-quantize`` for the
+quantize kernel by encoder: 64 blocks of 64 with 4 warps is the best for "f16x2" and within
+2% of the best for "count").
 
 Measured (H200, jax 0.11.2, 8192 x 8192 bf16, block 64, TB/s of bf16 input, device time of calls
-in a jitted loop, second session of 2026-12-01; XLA path in brackets): quantize NF4 1.86 (0.81),
-FP4 1.84 (0.51), NF4 + double quant 1.62-1.65 over three runs (0.61); dequantize NF4 3.15 (0.55),
-NF4 + double quant 2.82, FP4 2.97. A torch ``copy_`` moves 4.08 TB/s there (bytes read + written),
-so 40% of it is 1.63 TB/s of input: the first-level kernels clear it, and NF4 + double quant sits
-on it (the first level ~72 µs; the mean and the second level add ~9-11 µs; benchmarks/README.md).
+in a jitted loop, two runs of 2026-12-02; XLA path in brackets): quantize NF4 2.22 / 2.21 (0.82),
+FP4 1.87 / 1.78 (0.51), NF4 + double quant 1.96 / 1.88 (0.60); dequantize NF4 3.03 / 3.56 (0.56),
+NF4 + double quant 2.79 / 2.59, FP4 3.12 / 3.06. A torch ``copy_`` moves 4.07 TB/s there (bytes
+read + written), so 40% of it is 1.63 TB/s of input: every kernel clears it. The NF4 first level
+takes ~60 µs ("count": ~71 µs); the mean and the second level add 8-11 µs (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -110,6 +120,8 @@ __all__ = [
     "double_quantize_reference",
     "default_dq_blocks",
     "dq_supported",
+    "resolve_encoder",
+    "ENCODERS",
     "INPUT_DTYPES",
     "BLOCK_SIZES",
     "DQ_BLOCK_SIZES",
@@ -407,6 +419,165 @@ def _encode_mirror(scaled: jax.Array, ends: tuple[float, ...], terms: tuple, int
     return _ptx_f32("\n".join(lines), scaled)
 
 
+# The "f16x2" encoder: both elements of an input word at once, in packed half-precision
+# arithmetic, against per-block thresholds (`_f16x2_table`).
+ENCODERS = ("f16x2", "count")
+_F16X2_ROWS = 129        # one a 7-bit bf16 absmax mantissa, then the row of scale-0 blocks
+_F16X2_WORDS = 8         # threshold words a row
+_F16X2_ZERO_ROW = 128
+
+
+def _f16_bits(v: float) -> int:
+    return int(np.float16(v).view(np.uint16))
+
+
+def _bf16_grid_below_two() -> np.ndarray:
+    """Every bf16 value of magnitude below 2, ascending (one zero), as float32."""
+    pos = (np.arange(0x4000, dtype=np.uint32) << 16).view(np.float32)   # exponent field <= 127
+    return np.concatenate([-pos[:0:-1], pos])
+
+
+@functools.lru_cache(maxsize=32)
+def _f16x2_table(tables: CodeTables) -> tuple[np.ndarray, tuple[float, ...]] | None:
+    """(int32 [8 * 129] threshold words, (B_7, B_0, .., B_6)) of the "f16x2" encoder
+    (`_encode_f16x2`), or None where it does not apply (it needs a sorted-identity table, as
+    NF4 and Int4 are, whose midpoints all lie at least 2**-6 from 0).
+
+    Why it is exact. A bf16 block with absmax ``A = M * 2**E`` (``M`` in [1, 2), 7 mantissa
+    bits; normal, at most 2**126) encodes ``v = RN32(x * RN32(1 / A))``. Scaling by 2**E is
+    exact, so ``v = RN32(x' * RN32(1 / M))`` for ``x' = x * 2**-E``, a bf16 value in [-M, M]
+    (held exactly by float16 unless below 2**-14, where it is far from every threshold). ``v``
+    is monotone in ``x'``, so ``v > m_j`` iff ``x' > T_j(M)``, the largest bf16 ``x'`` whose ``v``
+    is at most ``m_j``: a table of 128 mantissas x 15 midpoints, found here by searching all bf16
+    values below 2 (subnormals flushed, as XLA:CPU does). A bf16 ``x' > T`` exceeds ``T`` by at
+    least ``2**(floor(log2 |T|) - 8)``, so with a power of two ``B`` at least the inverse of that,
+    ``sat(x' * B - T * B)`` is exactly 1 for ``x' > T`` and 0 otherwise: in float16 too, as long
+    as ``T * B`` has at most 11 significant bits (it has 8) and stays below 65504 (checked here).
+    Blocks of scale 0 (absmax 0, subnormal, above 2**126, or NaN) use row 128 with ``x' = 0``:
+    thresholds that give every element the code of 0, as ``v = 0`` does.
+
+    Layout, word-major (word ``k`` of row ``r`` at ``k * 129 + r``, so that one load across a
+    warp's blocks touches a few cache lines, not one a block): word 0 holds ``B_7 * T_7`` in
+    both float16 halves (the upper-half test ``x' > T_7``); word ``1 + j`` (j < 7) holds
+    ``-B_j * T_j`` in its low and ``-B_j * T_{8+j}`` in its high half (midpoint j of the lower
+    and of the upper half, ``B_j`` shared by both).
+    """
+    if not tables.sorted_is_identity:
+        return None
+    mids = np.asarray(tables.midpoints, np.float32)
+    if np.min(np.abs(mids)) < 2.0 ** -6:
+        return None
+    grid = _bf16_grid_below_two()
+    flushed = np.where(np.abs(grid) < np.float32(2.0 ** -126), np.float32(0), grid)
+    thr = np.empty((128, 15), np.float64)
+    for k in range(128):
+        m = np.float32(1 + k / 128)
+        v = flushed * (np.float32(1) / m)                     # float32 product, one rounding
+        v = np.where(np.abs(v) < np.float32(2.0 ** -126), np.float32(0), v)
+        i = np.searchsorted(v, mids, side="right") - 1
+        # no bf16 below 2 has v <= m (an outer Int4 midpoint below -1 at large M): every x' in
+        # [-M, M] lies above -2, a bf16 threshold that counts that midpoint for all of them
+        thr[k] = np.where(i >= 0, grid[np.maximum(i, 0)], -2.0)
+    exps = np.floor(np.log2(np.abs(thr)))                     # no threshold is 0 (|m| >= 2**-6)
+    b7 = 2.0 ** (8 - exps[:, 7].min())
+    bs = [2.0 ** (8 - min(exps[:, j].min(), exps[:, 8 + j].min())) for j in range(7)]
+    # halves [row, word, (low, high)]: the test word, then the seven midpoint pairs
+    halves = np.zeros((_F16X2_ROWS, _F16X2_WORDS, 2))
+    halves[:128, 0, :] = (b7 * thr[:, 7])[:, None]
+    for j, b in enumerate(bs):
+        halves[:128, 1 + j, 0] = -b * thr[:, j]
+        halves[:128, 1 + j, 1] = -b * thr[:, 8 + j]
+    # scale-0 row: x' = 0 gives sat(c) = [0 > m], and the test word's sign is [0 > m_7]
+    halves[_F16X2_ZERO_ROW, 0, :] = -1.0 if mids[7] < 0 else 1.0
+    for j in range(7):
+        halves[_F16X2_ZERO_ROW, 1 + j] = (float(mids[j] < 0), float(mids[8 + j] < 0))
+    reach = 2 * max([b7] + bs) + np.abs(halves).max()          # |x' B| + |c| for |x'| < 2
+    if np.any(np.float16(halves).astype(np.float64) != halves) or reach > 65504:
+        return None
+    bits = np.float16(halves).view(np.uint16).astype(np.uint32)
+    words = bits[..., 0] | (bits[..., 1] << 16)                 # [row, word]
+    return np.ascontiguousarray(words.T).reshape(-1).view(np.int32), (b7, *bs)
+
+
+def _f16x2_rows(absmax: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(int32 row of `_f16x2_table`, float32 ``2**-E``) from the bf16 absmax of blocks: the row
+    of its 7-bit mantissa, or the scale-0 row (and scale 0) where the reciprocal is 0 (absmax
+    0, subnormal, above 2**126, or NaN)."""
+    bits = jax.lax.bitcast_convert_type(absmax, jnp.int32)
+    live = (absmax >= np.float32(2.0 ** -126)) & (absmax <= np.float32(2.0 ** 126))   # False for NaN
+    row = jnp.where(live, (bits >> 16) & 0x7F, np.int32(_F16X2_ZERO_ROW))
+    scale = jnp.where(live, jax.lax.bitcast_convert_type((254 - (bits >> 23)) << 23, jnp.float32), np.float32(0))
+    return row, scale
+
+
+def _f16x2_words(thresholds: Any, row: jax.Array) -> list[jax.Array]:
+    """The 8 threshold words of each block's ``row`` (gathers from the `_f16x2_table` ref)."""
+    return [thresholds[row + np.int32(k * _F16X2_ROWS)] for k in range(_F16X2_WORDS)]
+
+
+def _encode_f16x2(w: jax.Array, scale: jax.Array, words: Sequence[jax.Array], factors: tuple[float, ...],
+                  interpret: bool) -> jax.Array:
+    """int32 ``16 * code(even) + code(odd)`` (in the low byte) for uint32 words of bf16 pairs
+    (low half the even element), given per block ``scale = 2**-E`` (0 for scale-0 blocks) and
+    its 8 threshold words (`_f16x2_table`), each broadcastable to ``w``.
+
+    Per word on the GPU, one inline-PTX block of ~32 instructions for both elements (the
+    "count" encoder takes ~46): the halves to float32 (a shift, a mask), times ``scale``
+    (``mul.rn.ftz``: a subnormal element counts as 0, as in XLA:CPU), packed to float16x2; the
+    upper-half test ``t = B_7 * (T_7 - x')``, whose sign bits make a ``prmt`` selector that picks
+    each half's threshold from a midpoint's word; per midpoint ``fma.rn.sat.f16x2`` gives the
+    two 0/1 indicators and an ``fma.rn.f16x2`` adds 16 times them onto ``1024 + 128 * upper``
+    (exact small integers; float16 ``1024 + k`` has the bits ``0x6400 + k``), so the byte is the
+    low byte of ``lo + (hi >> 4) + 0xC0`` of the two halves' bit patterns. In interpret mode the
+    same arithmetic in float32 jnp (every intermediate is exact, or rounds on the same side of
+    0 and 1, so the indicators are the same)."""
+    b7, *bs = factors
+    if interpret:
+        even, odd = byte_lut.bf16_halves_f32(w)
+
+        def half(k, shift):
+            h = (k >> shift) & 0xFFFF
+            return jax.lax.bitcast_convert_type(h.astype(jnp.int16), jnp.float16).astype(jnp.float32)
+
+        def code(x):
+            x = (x * scale).astype(jnp.float16).astype(jnp.float32)
+            upper = x * np.float32(-b7) + half(words[0], 0) < 0
+            count = jnp.where(upper, np.float32(8), np.float32(0))
+            for b, k in zip(bs, words[1:]):
+                c = jnp.where(upper, half(k, 16), half(k, 0))
+                count = count + jnp.clip(x * np.float32(b) + c, np.float32(0), np.float32(1))
+            return count.astype(jnp.int32)
+
+        return code(even) * 16 + code(odd)
+    hx = lambda v: f"0x{v & 0xFFFFFFFF:08x}"
+    pair = lambda v: hx(_f16_bits(v) * 0x10001)
+    lines = ["{", ".reg .b32 %e, %o, %x, %t, %m, %sel, %a, %c, %s, %k<6>;", ".reg .f32 %fe, %fo;",
+             "shl.b32 %e, $1, 16;", "and.b32 %o, $1, 0xFFFF0000;",
+             "mov.b32 %fe, %e;", "mov.b32 %fo, %o;",
+             "mul.rn.ftz.f32 %fe, %fe, $2;", "mul.rn.ftz.f32 %fo, %fo, $2;",
+             "cvt.rn.f16x2.f32 %x, %fo, %fe;",
+             f"mov.b32 %k0, {pair(-b7)};", "fma.rn.f16x2 %t, %x, %k0, $3;",
+             # m: byte 0 = 0xFF if the low half is upper, byte 1 the same for the high half
+             "mov.b32 %k1, 0;", "mov.b32 %k2, 0x44B9;", "prmt.b32 %m, %t, %k1, %k2;",
+             # selector: each half takes bytes 0-1 (lower-half threshold) or 2-3 (upper) of a word
+             "lop3.b32 %sel, %m, 0x2222, 0x1010, 0xEA;",
+             f"mov.b32 %k3, {hx(_f16_bits(1152.0) << 16 | _f16_bits(1024.0))};",
+             "prmt.b32 %a, %k3, %k3, %sel;",
+             f"mov.b32 %k4, {pair(16.0)};"]
+    for j, b in enumerate(bs):
+        lines += [f"mov.b32 %k5, {pair(b)};",
+                  f"prmt.b32 %c, ${4 + j}, ${4 + j}, %sel;",
+                  "fma.rn.sat.f16x2 %s, %x, %k5, %c;",
+                  "fma.rn.f16x2 %a, %s, %k4, %a;"]
+    lines += ["shr.b32 %t, %a, 20;", "add.u32 %a, %a, %t;", "add.u32 $0, %a, 0xC0;", "}"]
+    args = [jax.lax.bitcast_convert_type(w, jnp.int32), jnp.broadcast_to(scale, w.shape)]
+    args += [jnp.broadcast_to(k, w.shape) for k in words]
+    (out,) = pltriton.elementwise_inline_asm(
+        "\n".join(lines), args=args, constraints=",".join(["=r", "r", "f"] + ["r"] * len(words)),
+        pack=1, result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.int32)])
+    return out
+
+
 def _exact_reciprocal(a: jax.Array) -> jax.Array:
     """Correctly rounded float32 ``1 / a`` for float32 ``a`` in [2**-126, 2**126] (normal), by
     integer arithmetic only: ``1/a = (2**47 / am) * 2**(103 - ea)`` with ``am`` the 24-bit mantissa
@@ -458,16 +629,19 @@ def _pattern_to_f32(bits: jax.Array, dtype: str) -> jax.Array:
     return jax.lax.bitcast_convert_type(u.astype(jnp.uint16), jnp.float16).astype(jnp.float32)
 
 
-def _block_scales(amax_bits: jax.Array, dtype: str, interpret: bool) -> tuple[jax.Array, jax.Array]:
-    """(absmax float32 [r], inverse scale float32 [r]) from the max |x| bit patterns of blocks."""
+def _block_absmax(amax_bits: jax.Array, dtype: str) -> jax.Array:
+    """absmax float32 [r] from the max |x| bit patterns of blocks (NaN for Inf/NaN blocks)."""
     absmax = _pattern_to_f32(amax_bits, dtype)
     if dtype == "bfloat16":
         # a subnormal max: 0, as XLA:CPU's flushing max stores it (the codes do not change)
         absmax = jnp.where(amax_bits < _BF16_MIN_NORMAL, jnp.float32(0), absmax)
-    absmax = jnp.where(amax_bits >= _INF_BITS[dtype], jnp.float32(jnp.nan), absmax)
+    return jnp.where(amax_bits >= _INF_BITS[dtype], jnp.float32(jnp.nan), absmax)
+
+
+def _inverse_scale(absmax: jax.Array, interpret: bool) -> jax.Array:
+    """The correctly rounded ``1 / absmax`` (`_reciprocal`), 0 for 0 and NaN."""
     normal = absmax >= np.float32(2.0 ** -126)   # False for 0 and NaN
-    inv = jnp.where(normal, _reciprocal(jnp.where(normal, absmax, jnp.float32(1)), interpret), jnp.float32(0))
-    return absmax, inv
+    return jnp.where(normal, _reciprocal(jnp.where(normal, absmax, jnp.float32(1)), interpret), jnp.float32(0))
 
 
 def _row_mask(r0: jax.Array, rows: int, n_blocks: int) -> jax.Array | None:
@@ -512,47 +686,56 @@ def _tiles(body, rows: int, tiles: int, n_blocks: int) -> None:
 
 
 def _quantize_kernel(w_ref, *refs, tables: CodeTables, dtype: str, rows: int, n_blocks: int,
-                     tiles: int, interpret: bool):
+                     tiles: int, encoder: str, interpret: bool):
     packed_ref, absmax_ref = refs[-2:]   # any refs before them are aliased output buffers
-    _tiles(functools.partial(_quantize_tile, w_ref, packed_ref, absmax_ref, tables, dtype, rows,
+    thr_ref = refs[0] if encoder == "f16x2" else None
+    _tiles(functools.partial(_quantize_tile, w_ref, thr_ref, packed_ref, absmax_ref, tables, dtype, rows,
                              interpret), rows, tiles, n_blocks)
 
 
-def _quantize_tile(w_ref, packed_ref, absmax_ref, tables: CodeTables, dtype: str, rows: int,
+def _quantize_tile(w_ref, thr_ref, packed_ref, absmax_ref, tables: CodeTables, dtype: str, rows: int,
                    interpret: bool, r0: jax.Array, mask: jax.Array | None) -> None:
     half = w_ref.shape[1]
     w = _load(w_ref.at[pl.ds(r0, rows), pl.ds(0, half)], mask)                  # uint32 [rows, half]
     # max |x| per block as an integer max of the sign-cleared 16-bit patterns of both halves
     mag = jnp.maximum(w & 0x7FFF, (w >> 16) & 0x7FFF).astype(jnp.int32)
-    absmax, inv = _block_scales(jnp.max(mag, axis=1), dtype, interpret)
-    even, odd = _halves_to_f32(w, dtype)
-    code_even = _encode_count(even * inv[:, None], tables, interpret)
-    code_odd = _encode_count(odd * inv[:, None], tables, interpret)
-    # the byte 16 * even + odd, read off the mantissa of 2**23 + byte (exact small integers)
-    byte = jax.lax.bitcast_convert_type(code_even * np.float32(16) + code_odd + np.float32(2.0 ** 23),
-                                        jnp.int32)
+    absmax = _block_absmax(jnp.max(mag, axis=1), dtype)
+    if thr_ref is not None:
+        row, scale = _f16x2_rows(absmax)
+        words = [k[:, None] for k in _f16x2_words(thr_ref, row)]
+        byte = _encode_f16x2(w, scale[:, None], words, _f16x2_table(tables)[1], interpret)
+    else:
+        inv = _inverse_scale(absmax, interpret)
+        even, odd = _halves_to_f32(w, dtype)
+        code_even = _encode_count(even * inv[:, None], tables, interpret)
+        code_odd = _encode_count(odd * inv[:, None], tables, interpret)
+        # the byte 16 * even + odd, read off the mantissa of 2**23 + byte (exact small integers)
+        byte = jax.lax.bitcast_convert_type(code_even * np.float32(16) + code_odd + np.float32(2.0 ** 23),
+                                            jnp.int32)
     packed = byte.astype(jnp.uint8)
     _store(packed_ref.at[pl.ds(r0, rows), pl.ds(0, half)], packed, mask)
     _store(absmax_ref.at[pl.ds(r0, rows)], absmax, mask)
 
 
 @functools.partial(jax.jit, static_argnames=("tables", "block_size", "rows", "num_warps",
-                                             "num_stages", "tiles", "interpret"))
+                                             "num_stages", "tiles", "encoder", "interpret"))
 def _quantize_call(x: jax.Array, init: tuple[jax.Array, jax.Array] | None = None, *,
                    tables: CodeTables, block_size: int, rows: int, num_warps: int,
-                   num_stages: int, tiles: int = 1, interpret: bool):
+                   num_stages: int, tiles: int = 1, encoder: str = "count", interpret: bool):
     """The launch. ``init`` (tests): buffers (uint8 [nb, bs/2], float32 [nb]) the outputs start
     from (aliased), so that an element the kernel never writes keeps a known pattern."""
     n = x.size
     nb, half = n // block_size, block_size // 2
     words = jax.lax.bitcast_convert_type(x.reshape(-1, 2), jnp.uint32).reshape(nb, half)
     kernel = functools.partial(_quantize_kernel, tables=tables, dtype=jnp.dtype(x.dtype).name,
-                               rows=rows, n_blocks=nb, tiles=tiles, interpret=interpret)
+                               rows=rows, n_blocks=nb, tiles=tiles, encoder=encoder, interpret=interpret)
     out_shape = (jax.ShapeDtypeStruct((nb, half), jnp.uint8), jax.ShapeDtypeStruct((nb,), jnp.float32))
     args, aliases = [words], {}
+    if encoder == "f16x2":
+        args.append(jnp.asarray(_f16x2_table(tables)[0]))
     if init is not None:
+        aliases = {len(args): 0, len(args) + 1: 1}
         args += [init[0].reshape(nb, half), init[1].reshape(nb)]
-        aliases = {1: 0, 2: 1}
     packed, absmax = pl.pallas_call(
         kernel,
         out_shape=out_shape,
@@ -568,7 +751,7 @@ def _quantize_call(x: jax.Array, init: tuple[jax.Array, jax.Array] | None = None
 def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray | CodeTables,
                            block_size: int, *, rows_per_program: int | None = None,
                            num_warps: int | None = None, num_stages: int = 1,
-                           tiles_per_program: int = 1,
+                           tiles_per_program: int = 1, encoder: str | None = None,
                            interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """Blockwise 4-bit quantization of a bf16/f16 array in one pass.
 
@@ -583,6 +766,10 @@ def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray
         elements, else 8).
       tiles_per_program: consecutive tiles a program walks in a loop (with ``num_stages > 1``
         Triton prefetches the next tile's input while the current one is encoded).
+      encoder: how codes are found, in `ENCODERS` (the same bytes either way): "f16x2" (both
+        elements of a word in packed float16 arithmetic against per-block thresholds,
+        `_encode_f16x2`; bf16 input with a format `_f16x2_table` serves: NF4, Int4) or
+        "count" (one element at a time, `_encode_count`). Default: "f16x2" where it applies.
       interpret: run in the Pallas interpreter (CPU tests).
     Returns:
       (packed uint8 [x.size // 2], first element of each pair in the high nibble;
@@ -599,7 +786,24 @@ def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray
     _check_launch(rows, warps, num_stages, tiles_per_program)
     return _quantize_call(x, tables=tables, block_size=int(block_size), rows=int(rows),
                           num_warps=int(warps), num_stages=int(num_stages),
-                          tiles=int(tiles_per_program), interpret=bool(interpret))
+                          tiles=int(tiles_per_program), encoder=resolve_encoder(encoder, tables, x.dtype),
+                          interpret=bool(interpret))
+
+
+def resolve_encoder(encoder: str | None, fmt: str | Sequence[float] | np.ndarray | CodeTables,
+                    dtype: Any) -> str:
+    """The encoder `quantize_blocks_pallas` runs: ``encoder`` itself (ValueError for a name not
+    in `ENCODERS`, or "f16x2" where it does not apply), or for None "f16x2" where it applies
+    (bf16 input, a format `_f16x2_table` serves) and "count" elsewhere."""
+    fits = jnp.dtype(dtype) == jnp.bfloat16 and _f16x2_table(code_tables(fmt)) is not None
+    if encoder is None:
+        return "f16x2" if fits else "count"
+    if encoder not in ENCODERS:
+        raise ValueError(f"encoder must be one of {ENCODERS} or None, got {encoder!r}")
+    if encoder == "f16x2" and not fits:
+        raise ValueError("encoder 'f16x2' needs bf16 input and a sorted code table whose midpoints all "
+                         f"lie at least 2**-6 from 0 (NF4, Int4); got {jnp.dtype(dtype).name} input")
+    return encoder
 
 
 # --------------------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ def assert_bits_equal(a, b, what=""):
                           f"{ua.reshape(-1)[bad[:8]]} vs {ub.reshape(-1)[bad[:8]]}"
 
 
-def run_quantize_poisoned(x, tables, block_size, rows, tiles=1):
+def run_quantize_poisoned(x, tables, block_size, rows, tiles=1, encoder="count"):
     """Runs the kernel twice, outputs starting all-0x00 and all-0xFF; returns the first result
     after checking the second equals it."""
     nb = x.size // block_size
@@ -169,7 +169,7 @@ def run_quantize_poisoned(x, tables, block_size, rows, tiles=1):
                 jax.lax.bitcast_convert_type(jnp.full((nb,), fill * 0x01010101, jnp.uint32), jnp.float32))
         outs.append(pq._quantize_call(x, init, tables=tables, block_size=block_size, rows=rows,
                                       num_warps=4, num_stages=1 if tiles == 1 else 2, tiles=tiles,
-                                      interpret=INTERPRET))
+                                      encoder=encoder, interpret=INTERPRET))
     for a, b in zip(*outs):
         assert_bits_equal(a, b, "poisoned runs")
     return outs[0]
@@ -297,6 +297,65 @@ def test_count_terms_step_exactly_at_each_midpoint(fmt):
         assert up * b + c >= 1.0, (fmt, m)
 
 
+@pytest.mark.parametrize("fmt", ["nf4", "int4"])
+@pytest.mark.parametrize("exponent", [0, -126, -130, 100, 126, 127])
+def test_f16x2_encoder_is_exhaustively_exact(fmt, exponent):
+    """The "f16x2" encoder's model (interpret mode) gives the code of `_encode` for EVERY bf16
+    value of every block whose absmax has one of the 128 bf16 mantissas, at several exponents:
+    normal blocks at 2**0, 2**100 and 2**-126 (its subnormal members count as 0), a subnormal
+    absmax (2**-130: a scale-0 block), and above 2**126 (reciprocal 0: also scale 0). Each row
+    holds every bf16 value of magnitude up to its absmax, paired with the same values reversed
+    (so each lands in both halves of a word)."""
+    t = pq.code_tables(formats.get_format(fmt).values)
+    words, factors = pq._f16x2_table(t)
+    grid = pq._bf16_grid_below_two()
+    m = (1 + np.arange(128) / 128).astype(np.float32)[:, None]
+    x = np.where(np.abs(grid)[None, :] <= m, grid[None, :], 0).astype(np.float32)
+    x[:, 0] = -m[:, 0]                                       # the block's absmax, exactly
+    x = x * np.float32(2.0 ** exponent)
+
+    @jax.jit
+    def mismatches(x):
+        xb = x.astype(BF16)
+        bits = jax.lax.bitcast_convert_type(xb, jnp.uint16).astype(jnp.int32)
+        absmax = pq._block_absmax(jnp.max(bits & 0x7FFF, axis=1), "bfloat16")
+        want = pq._encode(xb.astype(jnp.float32) * pq._inverse_scale(absmax, True)[:, None], t)
+        row, scale = pq._f16x2_rows(absmax)
+        consts = [k[:, None] for k in pq._f16x2_words(jnp.asarray(words), row)]
+        w = (bits | (bits[:, ::-1] << 16)).astype(jnp.uint32)
+        got = pq._encode_f16x2(w, scale[:, None], consts, factors, interpret=True)
+        return jnp.sum(got != want * 16 + want[:, ::-1]), jnp.sum(absmax == 0)
+
+    bad, zero_rows = mismatches(jnp.asarray(x))
+    assert int(bad) == 0
+    assert int(zero_rows) == (128 if exponent < -126 else 0)
+
+
+def test_f16x2_table_applies_where_it_is_exact():
+    """The table exists for NF4 and Int4 (sorted, midpoints away from 0) and not for FP4 (a
+    midpoint at 0) or a permuted table; its constants are exact float16 pairs; row 128 gives
+    x' = 0 the code of 0."""
+    for fmt in ("nf4", "int4"):
+        t = pq.code_tables(formats.get_format(fmt).values)
+        words, factors = pq._f16x2_table(t)
+        test = words.view(np.uint32)[:129]      # word 0 of each row: the same value in both halves
+        assert words.shape == (8 * 129,) and np.all(test & 0xFFFF == test >> 16)
+        assert all(b == 2.0 ** round(np.log2(b)) for b in factors)
+        zero = pq._encode_f16x2(jnp.zeros((1, 4), jnp.uint32), jnp.zeros((1, 1), jnp.float32),
+                                pq._f16x2_words(jnp.asarray(words), jnp.int32(128)), factors, interpret=True)
+        code0 = int(qmod._encode(jnp.zeros(1, jnp.float32), formats.get_format(fmt))[0])
+        assert np.all(np.asarray(zero) == code0 * 17)
+    assert pq._f16x2_table(pq.code_tables(formats.get_format("fp4").values)) is None
+    permuted = np.random.default_rng(3).permutation(formats.get_format("nf4").values)
+    assert pq._f16x2_table(pq.code_tables(permuted)) is None
+    assert pq.resolve_encoder(None, "nf4", BF16) == "f16x2"
+    assert pq.resolve_encoder(None, "nf4", F16) == "count"
+    with pytest.raises(ValueError, match="f16x2"):
+        pq.resolve_encoder("f16x2", "nf4", F16)
+    with pytest.raises(ValueError, match="encoder must be one of"):
+        pq.resolve_encoder("fast", "nf4", BF16)
+
+
 def test_argument_checks():
     nf4 = formats.get_format("nf4").values
     with pytest.raises(ValueError, match="bf16/f16"):
@@ -335,12 +394,21 @@ KERNEL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("fmt,block_size,dtype,n_blocks,rows", KERNEL_CASES)
-def test_kernels_match_xla(fmt, block_size, dtype, n_blocks, rows):
+def encoders_for(fmt, dtype):
+    """The encoders of `pq.ENCODERS` that serve this format and input dtype."""
+    tables = pq.code_tables(formats.get_format(fmt).values)
+    return [e for e in pq.ENCODERS if e == "count" or pq.resolve_encoder(None, tables, dtype) == e]
+
+
+KERNEL_ENCODER_CASES = [(*case, enc) for case in KERNEL_CASES for enc in encoders_for(case[0], case[2])]
+
+
+@pytest.mark.parametrize("fmt,block_size,dtype,n_blocks,rows,encoder", KERNEL_ENCODER_CASES)
+def test_kernels_match_xla(fmt, block_size, dtype, n_blocks, rows, encoder):
     x64 = make_input(_seed(fmt, block_size), fmt, dtype, block_size, n_blocks)
     x = jnp.asarray(x64, dtype)
     tables = pq.code_tables(formats.get_format(fmt).values)
-    packed, absmax = run_quantize_poisoned(x, tables, block_size, rows)
+    packed, absmax = run_quantize_poisoned(x, tables, block_size, rows, encoder=encoder)
     codes_ref, absmax_ref, q = xla_quantize(x, fmt, block_size)
     assert_bits_equal(packed, codes_ref, "packed codes")
     assert_bits_equal(absmax, absmax_ref, "absmax")
@@ -664,11 +732,13 @@ def test_non_finite_input():
 
 
 @pytest.mark.parametrize("fmt,block_size,dtype,n_blocks", [("fp4", 4096, BF16, 3), ("nf4", 32, F16, 1000),
-                                                          ("permuted nf4", 64, BF16, 10)])
+                                                          ("permuted nf4", 64, BF16, 10), ("nf4", 64, BF16, 9),
+                                                          ("int4", 256, BF16, 5)])
 def test_kernels_lower_to_triton(fmt, block_size, dtype, n_blocks):
     """Both kernels (dequantize with each lookup) lower to verified Triton IR for an H100 (every
     primitive has a Triton lowering rule; compiling the IR to PTX still needs the GPU), with
-    each form of the encoder (split: NF4, mirror: FP4, linear: a permuted table)."""
+    each encoder: "f16x2" (bf16 NF4 and Int4) and each form of "count" (split: NF4 f16, mirror:
+    FP4, linear: a permuted table)."""
     if fmt == "permuted nf4":
         values = np.random.default_rng(7).permutation(formats.get_format("nf4").values)
     else:
@@ -729,14 +799,14 @@ def test_gpu_kernels_match_xla(shape, block_size, fmt, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt,block_size,dtype,n_blocks,rows", KERNEL_CASES)
-def test_gpu_special_values(fmt, block_size, dtype, n_blocks, rows):
+@pytest.mark.parametrize("fmt,block_size,dtype,n_blocks,rows,encoder", KERNEL_ENCODER_CASES)
+def test_gpu_special_values(fmt, block_size, dtype, n_blocks, rows, encoder):
     """The CPU cases (ties, zeros, extremes, subnormals, masked tails) compiled, against XLA:GPU.
     One documented divergence is allowed: a bf16 block whose largest value is subnormal stores
     absmax 0 from the kernel, where XLA:GPU may keep the subnormal (the codes are equal)."""
     x = jnp.asarray(make_input(_seed(fmt, block_size), fmt, dtype, block_size, n_blocks), dtype)
     tables = pq.code_tables(formats.get_format(fmt).values)
-    packed, absmax = run_quantize_poisoned(x, tables, block_size, rows)
+    packed, absmax = run_quantize_poisoned(x, tables, block_size, rows, encoder=encoder)
     codes_ref, absmax_ref, q = xla_quantize(x, fmt, block_size)
     assert_bits_equal(packed, codes_ref, "packed codes")
     a, b = np.asarray(absmax), np.asarray(absmax_ref)
