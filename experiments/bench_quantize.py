@@ -254,8 +254,7 @@ def _breakdown(x: jax.Array, bs: int, dq: int, timer: Callable, reps: int, in_by
     from pallas_kernels import quantize as pq
 
     values = tuple(float(v) for v in qj.formats.get_format("nf4").values)
-    default = pq.resolve_encoder(None, values, x.dtype)
-    others = ["count"] if default != "count" else []   # the other encoder, where one serves
+    default, *others = pq.encoders_for(values, x.dtype)
     rows = [_row("nf4+dq stages", "pallas", f"dq{dq}",
                  timer(lambda a, e=e: pq.quantize_blocks_pallas(a.reshape(-1), values, bs, encoder=e,
                                                                 interpret=interpret), (x,), reps),
@@ -313,7 +312,7 @@ def _sweep_quantize(x: jax.Array, bs: int, timer: Callable, reps: int, in_bytes:
     from pallas_kernels import quantize as pq
 
     values = tuple(float(v) for v in qj.formats.get_format("nf4").values)
-    encoders = ["count"] + (["f16x2"] if pq.resolve_encoder(None, values, x.dtype) == "f16x2" else [])
+    encoders = pq.encoders_for(values, x.dtype)[::-1]   # "count" first: the baseline
     first = None
     out = []
     for enc, elems, warps, (tiles, stages) in itertools.product(

@@ -121,6 +121,7 @@ __all__ = [
     "default_dq_blocks",
     "dq_supported",
     "resolve_encoder",
+    "encoders_for",
     "ENCODERS",
     "INPUT_DTYPES",
     "BLOCK_SIZES",
@@ -535,16 +536,16 @@ def _encode_f16x2(w: jax.Array, scale: jax.Array, words: Sequence[jax.Array], fa
     if interpret:
         even, odd = byte_lut.bf16_halves_f32(w)
 
-        def half(k, shift):
-            h = (k >> shift) & 0xFFFF
-            return jax.lax.bitcast_convert_type(h.astype(jnp.int16), jnp.float16).astype(jnp.float32)
+        # (low, high) float16 halves of each threshold word, as float32
+        halves = [tuple(h.astype(jnp.float32) for h in byte_lut.split_pair_words(k, jnp.float16))
+                  for k in words]
 
         def code(x):
             x = (x * scale).astype(jnp.float16).astype(jnp.float32)
-            upper = x * np.float32(-b7) + half(words[0], 0) < 0
+            upper = x * np.float32(-b7) + halves[0][0] < 0
             count = jnp.where(upper, np.float32(8), np.float32(0))
-            for b, k in zip(bs, words[1:]):
-                c = jnp.where(upper, half(k, 16), half(k, 0))
+            for b, (lo, hi) in zip(bs, halves[1:]):
+                c = jnp.where(upper, hi, lo)
                 count = count + jnp.clip(x * np.float32(b) + c, np.float32(0), np.float32(1))
             return count.astype(jnp.int32)
 
@@ -790,17 +791,24 @@ def quantize_blocks_pallas(x: jax.Array, fmt: str | Sequence[float] | np.ndarray
                           interpret=bool(interpret))
 
 
+def encoders_for(fmt: str | Sequence[float] | np.ndarray | CodeTables, dtype: Any) -> list[str]:
+    """The encoders of `ENCODERS` that serve this format and input dtype, the default first:
+    "f16x2" where it applies (bf16 input, a format `_f16x2_table` serves), then "count"."""
+    fits = jnp.dtype(dtype) == jnp.bfloat16 and _f16x2_table(code_tables(fmt)) is not None
+    return ["f16x2", "count"] if fits else ["count"]
+
+
 def resolve_encoder(encoder: str | None, fmt: str | Sequence[float] | np.ndarray | CodeTables,
                     dtype: Any) -> str:
     """The encoder `quantize_blocks_pallas` runs: ``encoder`` itself (ValueError for a name not
-    in `ENCODERS`, or "f16x2" where it does not apply), or for None "f16x2" where it applies
-    (bf16 input, a format `_f16x2_table` serves) and "count" elsewhere."""
-    fits = jnp.dtype(dtype) == jnp.bfloat16 and _f16x2_table(code_tables(fmt)) is not None
+    in `ENCODERS`, or one that does not serve this input), or for None the first of
+    `encoders_for`."""
+    serving = encoders_for(fmt, dtype)
     if encoder is None:
-        return "f16x2" if fits else "count"
+        return serving[0]
     if encoder not in ENCODERS:
         raise ValueError(f"encoder must be one of {ENCODERS} or None, got {encoder!r}")
-    if encoder == "f16x2" and not fits:
+    if encoder not in serving:
         raise ValueError("encoder 'f16x2' needs bf16 input and a sorted code table whose midpoints all "
                          f"lie at least 2**-6 from 0 (NF4, Int4); got {jnp.dtype(dtype).name} input")
     return encoder

@@ -394,13 +394,8 @@ KERNEL_CASES = [
 ]
 
 
-def encoders_for(fmt, dtype):
-    """The encoders of `pq.ENCODERS` that serve this format and input dtype."""
-    tables = pq.code_tables(formats.get_format(fmt).values)
-    return [e for e in pq.ENCODERS if e == "count" or pq.resolve_encoder(None, tables, dtype) == e]
-
-
-KERNEL_ENCODER_CASES = [(*case, enc) for case in KERNEL_CASES for enc in encoders_for(case[0], case[2])]
+KERNEL_ENCODER_CASES = [(*case, enc) for case in KERNEL_CASES
+                        for enc in pq.encoders_for(formats.get_format(case[0]).values, case[2])]
 
 
 @pytest.mark.parametrize("fmt,block_size,dtype,n_blocks,rows,encoder", KERNEL_ENCODER_CASES)
