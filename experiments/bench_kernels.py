@@ -281,33 +281,38 @@ def sweep_candidates(op: str, m: int) -> list:
     from pallas_kernels.tuning import TileConfig as C
 
     if op == "decode":
-        # block_n, block_k, split_k, warps, stages, use_dot, lut: round 2's best (64 rows,
-        # 128-wide K steps, 8 splits, 4 warps, dot) and two neighbours, then (M <= 4) the
-        # CUDA-core paths: word pairs ("prmt" on bf16 x) over tiles, and even/odd ("prmt32")
+        # block_n, block_k, split_k, warps, stages, use_dot, lut. Round 4 (2026-12-02): the tile
+        # loads are now 16-byte vectors (`pallas_kernels._common.k_offsets`; they had been single
+        # bytes), so the earlier finding that small tiles win is re-tested: the old bests, then
+        # wide K steps that leave one or two steps a program (Triton does not pipeline these
+        # loads; a step's loads are issued together).
         grid = [(64, 128, 8, 4, 3, True, "prmt"), (64, 256, 8, 4, 3, True, "prmt"),
-                (128, 128, 8, 4, 3, True, "prmt")]
+                (128, 128, 8, 4, 3, True, "prmt"), (64, 128, 16, 4, 3, True, "prmt"),
+                (64, 256, 16, 4, 3, True, "prmt"), (32, 256, 16, 4, 3, True, "prmt"),
+                (128, 256, 8, 8, 3, True, "prmt"), (256, 128, 8, 4, 3, True, "prmt"),
+                (256, 128, 8, 8, 3, True, "prmt"), (128, 128, 16, 8, 3, True, "prmt"),
+                (128, 64, 16, 4, 3, True, "prmt"), (128, 128, 4, 4, 3, True, "prmt")]
         if m <= 4:
-            # round 3 (second sweep of 2026-12-01 found 64 x 64-wide steps x 16 splits x 2 warps
-            # x 4 stages best at M=1; larger tiles and fewer splits lost): its neighbours
-            grid += [(64, 64, 16, 2, 4, False, "prmt"), (64, 64, 32, 2, 4, False, "prmt"),
-                     (128, 64, 16, 2, 4, False, "prmt"), (32, 64, 16, 1, 4, False, "prmt"),
-                     (64, 64, 16, 1, 4, False, "prmt"), (64, 64, 16, 2, 3, False, "prmt"),
-                     (64, 32, 32, 2, 4, False, "prmt"), (32, 64, 32, 1, 4, False, "prmt")]
+            grid += [(64, 64, 16, 2, 4, False, "prmt"), (64, 256, 16, 2, 3, False, "prmt"),
+                     (64, 256, 16, 4, 3, False, "prmt"), (32, 256, 16, 2, 3, False, "prmt"),
+                     (32, 512, 8, 2, 3, False, "prmt"), (32, 512, 8, 4, 3, False, "prmt"),
+                     (64, 512, 8, 4, 3, False, "prmt"), (16, 512, 8, 1, 3, False, "prmt"),
+                     (128, 256, 16, 4, 3, False, "prmt"), (64, 1024, 4, 4, 3, False, "prmt")]
         return [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns, lut=lut, use_dot=dot)
                 for bn, bk, sk, nw, ns, dot, lut in grid]
     if op == "forward":
+        # round 2 (vector loads): the shared memory of 3-4 stages must fit in 227 KB
         return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
                 for bm, bn, bk, nw, ns, lut in [
-                    (256, 128, 64, 8, 3, "tree"), (256, 128, 64, 8, 3, "prmt"), (128, 256, 64, 8, 3, "prmt"),
-                    (128, 128, 64, 4, 3, "prmt"), (256, 128, 128, 8, 3, "prmt"), (128, 128, 128, 8, 4, "prmt"),
-                    (128, 256, 128, 8, 3, "prmt"), (64, 256, 64, 4, 4, "prmt"),
-                    (256, 128, 64, 8, 3, "prmt32"), (128, 256, 64, 8, 3, "prmt32")]]
+                    (256, 128, 64, 8, 3, "prmt"), (128, 256, 64, 8, 3, "prmt"), (128, 128, 64, 4, 3, "prmt"),
+                    (128, 128, 64, 8, 4, "prmt"), (256, 128, 64, 8, 2, "prmt"), (64, 256, 64, 4, 4, "prmt"),
+                    (128, 128, 128, 8, 3, "prmt"), (128, 256, 64, 8, 4, "prmt")]]
     if op == "input_grad":
         return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
                 for bm, bn, bk, nw, ns, lut in [
-                    (256, 128, 128, 8, 3, "tree"), (256, 128, 128, 8, 3, "prmt"), (128, 128, 128, 8, 3, "prmt"),
-                    (128, 64, 256, 8, 3, "prmt"), (256, 64, 128, 8, 3, "prmt"), (128, 128, 64, 4, 4, "prmt"),
-                    (256, 128, 64, 8, 4, "prmt"), (256, 128, 128, 8, 3, "prmt32")]]
+                    (256, 128, 128, 8, 3, "prmt"), (128, 128, 128, 8, 3, "prmt"), (256, 128, 64, 8, 3, "prmt"),
+                    (128, 64, 128, 4, 4, "prmt"), (256, 64, 128, 8, 3, "prmt"), (128, 128, 64, 4, 4, "prmt"),
+                    (256, 128, 128, 8, 2, "prmt")]]
     raise ValueError(op)
 
 

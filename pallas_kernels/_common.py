@@ -305,6 +305,27 @@ def unpack_codes(packed: jax.Array) -> jax.Array:
     return jnp.stack([b >> 4, b & 0xF], axis=-1).reshape(r, 2 * h)
 
 
+def k_offsets(i: jax.Array, stride: int, extra: int, block_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Offsets of weight column ``c = i * stride + extra`` (``i`` a traced non-negative int, a
+    loop step or program id; ``stride``, ``extra`` static and even): ``(c, c / 2, c // block_size)``,
+    the element, the packed byte (or bf16-pair word) and the block column.
+
+    Why not ``c // 2``: jnp's floor division of a traced int lowers to divide, remainder and
+    select, after which Triton no longer sees that the byte offset is a multiple of 16, and every
+    tile load falls apart into single-byte loads with no software pipelining. Products and sums
+    of static constants keep the alignment visible; the block column (a per-row scale gather,
+    never vectorised) uses a truncating divide, exact for ``c >= 0``."""
+    if stride % 2 or extra % 2:
+        raise ValueError(f"column stride {stride} and offset {extra} must be even (two codes a byte)")
+    col = i * stride + extra
+    byte = i * (stride // 2) + extra // 2
+    if stride % block_size == 0 and extra % block_size == 0:
+        block = i * (stride // block_size) + extra // block_size
+    else:
+        block = jax.lax.div(col, jnp.int32(block_size))
+    return col, byte, block
+
+
 def load_block_scales(spec: QuantSpec, refs: "ScaleRefs", row0: jax.Array, rows: int,
                       kb: jax.Array, valid: jax.Array | None) -> jax.Array:
     """float32 [rows] first-level scales of weight rows ``row0 .. row0+rows`` at block column
@@ -322,7 +343,7 @@ def load_block_scales(spec: QuantSpec, refs: "ScaleRefs", row0: jax.Array, rows:
     # -> * second-level scale (gathered by flat block index) + offset.
     dec = pltriton.load(refs.table.at[raw.astype(jnp.int32)])
     flat = (row0 + jnp.arange(rows, dtype=jnp.int32)) * spec.blocks_per_row + kb
-    sidx = flat // spec.dq_block_size
+    sidx = jax.lax.div(flat, jnp.int32(spec.dq_block_size))  # flat >= 0: no floor-division select
     n_scales = refs.scale.shape[0]
     if valid is None:
         scale = pltriton.load(refs.scale.at[sidx])
@@ -403,12 +424,14 @@ def split_weight_refs(spec: QuantSpec, refs: Sequence[Any], lut: str) -> tuple[A
 def grouped_program_ids(pid: jax.Array, n_rows: int, n_cols: int, group: int) -> tuple[jax.Array, jax.Array]:
     """Maps a 1-D program id to (row tile, column tile), walking ``group`` row tiles at a time
     so that programs running together share operand tiles in L2."""
+    # truncating divides (ids are >= 0): jnp's floor division adds a remainder and a select
     per_group = group * n_cols
-    group_id = pid // per_group
+    group_id = jax.lax.div(pid, jnp.int32(per_group))
     first = group_id * group
     size = jnp.minimum(n_rows - first, group)
-    local = pid % per_group
-    return first + local % size, local // size
+    local = pid - group_id * per_group
+    col = jax.lax.div(local, size)
+    return first + (local - col * size), col
 
 
 # --------------------------------------------------------------------------------------------

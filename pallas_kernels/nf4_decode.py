@@ -22,14 +22,18 @@ becomes float32 by one shift or mask, with one accumulator per row of x. There i
 nothing goes through shared memory (Nsight Compute had put the dot path's limit in the L1/shared
 pipe, not DRAM).
 
-Measured (H200, jax 0.11.2, NF4 + double quant, device-side, second session of 2026-12-01,
-the tuning table's configs). At M=1, K=4096 N=11008, the word path (64 rows, 64-wide K steps,
-16 K splits, 2 warps, 4 stages) takes 0.0284 ms = 1.06x XLA cuBLAS bf16 (0.0267 ms; 819 GB/s of
-packed weight). bitsandbytes' gemv took 0.0279 ms in the same run, and the dot config 0.0352 ms
-in the sweep. At K=N=4096 it takes 0.0130 ms = 1.48x (bitsandbytes 0.0107). At M=16 the dot
-config (64 rows, 128-wide steps, 8 splits, 4 warps) takes 0.0361 ms = 1.47x bf16, 2x faster
-than bitsandbytes (0.0725 ms). Plain XLA dequantize->dot takes ~0.19-0.21 ms. The target,
-0.40x bf16 at M=1, needs ~2.5 TB/s and is not reached.
+Measured (H200, jax 0.11.2, NF4 + double quant, device-side, 2026-12-02, the tuning table's
+configs, bitsandbytes 0.50 in the same run). Until this session every weight-tile load was split
+into single-byte loads (see `pallas_kernels._common.k_offsets`); with 16-byte loads, at M=1 and
+K=4096 N=11008 the word path (64 rows, 256-wide K steps, 16 K splits, 4 warps) takes 0.0212 ms
+= 0.85x XLA cuBLAS bf16 (0.0249 ms; 1.10 TB/s of packed weight), bitsandbytes 0.0264 ms; at
+K=N=4096 0.0103 ms = 1.21x (bitsandbytes 0.0108). At M=16 the dot config (128 rows, 64-wide
+steps, 16 splits, 4 warps) takes 0.0245 ms = 1.03x bf16, bitsandbytes 0.0699 ms. Plain XLA
+dequantize->dot takes 0.08-0.21 ms. The target, 0.40x bf16 at M=1, is not reached: the word
+path's program (one K step of 256) is ~18 SASS instructions a packed byte (offline count,
+`benchmarks/dump_ttir.py`), a quarter of them copies of the lookup table's constants from
+uniform registers that ptxas re-makes before each byte permute. By that count the issue rate,
+not DRAM, is the likely bound near 1.1 TB/s (not yet confirmed with Nsight Compute).
 """
 
 from __future__ import annotations
@@ -75,14 +79,15 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
     # x's M rows would be rejected at trace time even though it is never dereferenced.
     row0 = pid_n * 0
 
-    def packed_tile(kk):
-        """(packed uint8 [bn, sb/2], float32 scales [bn]) of the sub-step at column kk."""
-        ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
+    def packed_tile(step, j):
+        """(packed uint8 [bn, sb/2], float32 scales [bn]) of sub-step j of K step ``step``."""
+        _, kbyte, kblock = _common.k_offsets(step, bk, j * sb, spec.block_size)
+        ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kbyte, sb // 2)]
         wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
-        return wp, _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
+        return wp, _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)
 
-    def weight_tile(kk, dtype):
-        wp, scales = packed_tile(kk)
+    def weight_tile(step, j, dtype):
+        wp, scales = packed_tile(step, j)
         return _common.dequant_tile(spec, wp, scales, dtype, cfg.lut, lut_ref, interpret=interpret)
 
     if cfg.use_dot:
@@ -90,10 +95,10 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
 
         def body(step, acc):
             for j in range(bk // sb):
-                kk = step * bk + j * sb
+                kk, _, _ = _common.k_offsets(step, bk, j * sb, spec.block_size)
                 xs = x_ref.at[pl.ds(row0, mp), pl.ds(kk, sb)]
                 xt = xs[...] if mask_x is None else pltriton.load(xs, mask=mask_x, other=0)
-                w = weight_tile(kk, xt.dtype)
+                w = weight_tile(step, j, xt.dtype)
                 acc += jax.lax.dot_general(w, xt, (((1,), (1,)), ((), ())),
                                            preferred_element_type=jnp.float32)
             return acc
@@ -110,13 +115,13 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         def body(step, accs):
             accs = list(accs)
             for j in range(bk // sb):
-                kk = step * bk + j * sb
-                wp, scales = packed_tile(kk)
+                _, kword, _ = _common.k_offsets(step, bk, j * sb, spec.block_size)
+                wp, scales = packed_tile(step, j)
                 words = byte_lut.decode_pair_words(wp, spec.code_table, jnp.bfloat16, interpret=interpret)
                 w_even, w_odd = byte_lut.bf16_halves_f32(words)
                 s = scales[:, None]
                 for r in range(m):
-                    x_even, x_odd = byte_lut.bf16_halves_f32(x_ref[pl.ds(row0 + r, 1), pl.ds(kk // 2, h)])
+                    x_even, x_odd = byte_lut.bf16_halves_f32(x_ref[pl.ds(row0 + r, 1), pl.ds(kword, h)])
                     accs[r] = accs[r] + (w_even * x_even + w_odd * x_odd) * s
             return tuple(accs)
 
@@ -132,8 +137,8 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         def body(step, accs):
             accs = list(accs)
             for j in range(bk // sb):
-                kk = step * bk + j * sb
-                wp, scales = packed_tile(kk)
+                kk, _, _ = _common.k_offsets(step, bk, j * sb, spec.block_size)
+                wp, scales = packed_tile(step, j)
                 # float32 weights: no rounding of the weight at all
                 w_even, w_odd = _common.dequant_pair(spec, wp, scales, jnp.float32, cfg.lut, lut_ref,
                                                      interpret=interpret)

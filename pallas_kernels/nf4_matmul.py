@@ -17,15 +17,15 @@ kernel and cannot be checked in CPU interpret mode with a register A operand; it
 Masking: rows of ``x`` past M and rows of ``W`` past N are masked on load and store (they only
 touch outputs that are not stored); K needs no mask because ``K % block_k == 0`` is enforced.
 
-Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-01, best of 10 swept tiles: 256×128×64,
-8 warps, 3 stages, "prmt" lookup): 1.34 ms = 2.55x XLA cuBLAS bf16 (0.526 ms, 275 TFLOP/s);
-plain XLA dequantize->dot 0.70 ms; bitsandbytes 0.54 ms; the "tree" lookup 1.87 ms. So
-`pallas_kernels.supported` declines this kernel and XLA serves training shapes. With the lookup
-down to ~3.5 instructions a weight the kernel is now latency-bound, not issue-bound: Nsight
-Compute shows 236 registers a thread, one 8-warp program an SM (12.5% occupancy), 30% SM and
-50% memory throughput, and warps stalled at CTA barriers. Closing the gap needs overlap of the
-decode with the MMAs (warp specialisation: producer warps decoding into shared memory while
-consumer warpgroups run wgmma), which this Triton path cannot express.
+Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-02, after the tile loads became
+16-byte vectors (`pallas_kernels._common.k_offsets`; they had been single bytes), best of 8
+swept tiles: 128×128×64, 4 warps, 3 stages, "prmt" lookup): 0.94 ms = 1.90x XLA cuBLAS bf16
+(0.494 ms, 393 TFLOP/s); plain XLA dequantize->dot 0.69 ms (1.39x); bitsandbytes 0.53 ms
+(2026-12-01: 1.34 ms = 2.55x with byte loads). So `pallas_kernels.supported` still declines
+this kernel and XLA serves training shapes. Nsight Compute (2026-12-01, byte loads) showed 236
+registers a thread, one 8-warp program an SM and warps stalled at CTA barriers: the decode and
+the MMAs do not overlap. Closing the gap needs warp specialisation (producer warps decoding
+into shared memory while consumer warpgroups run wgmma), which this Triton path cannot express.
 """
 
 from __future__ import annotations
@@ -58,12 +58,12 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, i
 
     def body(step, acc):
         for j in range(bk // sb):
-            kk = step * bk + j * sb
+            kk, kbyte, kblock = _common.k_offsets(step, bk, j * sb, spec.block_size)
             xs = x_ref.at[pl.ds(m0, bm), pl.ds(kk, sb)]
             xt = xs[...] if mask_m is None else pltriton.load(xs, mask=mask_m[:, None], other=0)
-            ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
+            ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kbyte, sb // 2)]
             wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
-            scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, mask_n)
+            scales = _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)
             w = _common.dequant_tile(spec, wp, scales, xt.dtype, cfg.lut, lut_ref, interpret=interpret)
             acc += jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())),
                                        preferred_element_type=jnp.float32)

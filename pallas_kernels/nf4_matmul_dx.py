@@ -14,10 +14,11 @@ Masking: N is the reduction here, so both the ``dy`` columns and the weight rows
 loaded as 0 (a NaN there would otherwise reach valid outputs); rows past M and column sub-tiles
 past K are masked on load and store.
 
-Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-01, tile 256×128, 128-wide output,
-8 warps, "prmt" lookup): 1.33 ms = 2.50x XLA cuBLAS bf16 (0.535 ms); plain XLA dequantize->dot
-0.66 ms ("tree": 1.94 ms), so `pallas_kernels.supported` declines it (the same latency bound as
-the forward kernel).
+Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-02, 16-byte tile loads, tile
+256×128 with a 64-wide output, 8 warps, "prmt" lookup): 1.16 ms = 2.29x XLA cuBLAS bf16
+(0.506 ms); plain XLA dequantize->dot 0.65 ms (1.29x), so `pallas_kernels.supported` declines
+it (the same overlap limit as the forward kernel). The earlier 256×128×128 tile needs 233 KB of
+shared memory once its loads are pipelined, over the 227 KB an H100/H200 program may have.
 """
 
 from __future__ import annotations
@@ -67,14 +68,14 @@ def _kernel(dy_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, 
         dyt = dys[...] if dmask is None else pltriton.load(dys, mask=dmask, other=0)
         new = []
         for j in range(n_sub):
-            kk = k0 + j * sb
+            kk, kbyte, kblock = _common.k_offsets(pid_k, bk, j * sb, spec.block_size)
             rows_ok = mask_n
             if ragged_k:
                 in_k = jnp.full((bn,), kk < k)
                 rows_ok = _and(rows_ok, in_k)
-            ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kk // 2, sb // 2)]
+            ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kbyte, sb // 2)]
             wp = ws[...] if rows_ok is None else pltriton.load(ws, mask=rows_ok[:, None], other=0)
-            scales = _common.load_block_scales(spec, scale_refs, n0, bn, kk // spec.block_size, rows_ok)
+            scales = _common.load_block_scales(spec, scale_refs, n0, bn, kblock, rows_ok)
             w = _common.dequant_tile(spec, wp, scales, dyt.dtype, cfg.lut, lut_ref, interpret=interpret)
             new.append(accs[j] + jax.lax.dot_general(dyt, w, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=jnp.float32))

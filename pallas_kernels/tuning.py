@@ -74,21 +74,32 @@ _INF = 1 << 62
 #   1.47x at K=N=4096 (dot 0.0156). At M=4 the word path loses (best 2.46x, dot 1.60x). A third
 #   round of 8 neighbours found nothing faster. Table run (`--quick`, same session): M=1 0.0284
 #   ms = 1.06x bf16, bitsandbytes 0.0279 ms; M=16 0.0361 ms, bitsandbytes 0.0725 ms.
+# - 2026-12-02 (second session): every tile load had been single bytes (a floor division in the
+#   offsets hid their alignment from Triton; `_common.k_offsets`). With 16-byte loads, round 4
+#   (`benchmarks/gpu/run14.sh`, run15.sh): decode M=1, best mean over the three shapes: the word
+#   path, 64 rows, 256-wide K steps, 16 splits, 4 warps: 0.0212 ms = 0.81x bf16 at K=4096 N=11008,
+#   1.21x at K=N=4096, 0.97x at K=11008 N=4096. M=4: the dot with 128 rows, 128-wide steps, 8
+#   splits: 1.11x. M=16: 128 rows, 64-wide steps, 16 splits: 0.0241 ms = 1.02x. Forward M=4096:
+#   128x128x64, 4 warps, 1.78x bf16 (was 2.51x); input gradient 256x128 (64-wide), 8 warps,
+#   2.36x (the old 256x128x128 tile now needs 233 KB of shared memory and does not launch).
+#   Plain XLA NF4 is ~1.2-1.4x at M=4096, so the training rows stay declined.
 _HOPPER = {
     "decode": (
-        Entry(1, TileConfig(block_n=64, block_k=64, split_k=16, num_warps=2, num_stages=4, lut="prmt",
+        Entry(1, TileConfig(block_n=64, block_k=256, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                             use_dot=False), True),
-        Entry(16, TileConfig(block_n=64, block_k=128, split_k=8, num_warps=4, num_stages=3, lut="prmt",
+        Entry(4, TileConfig(block_n=128, block_k=128, split_k=8, num_warps=4, num_stages=3, lut="prmt",
+                            use_dot=True), True),
+        Entry(16, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                              use_dot=True), True),
     ),
     "forward": (
         Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt"), False),
-        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
+        Entry(_INF, TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
                                lut="prmt"), False),
     ),
     "input_grad": (
         Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, lut="prmt"), False),
-        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=128, group_m=8, num_warps=8, num_stages=3,
+        Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
                                lut="prmt"), False),
     ),
 }

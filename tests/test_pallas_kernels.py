@@ -276,7 +276,12 @@ def test_kernels_lower_to_triton(op, m, n, k, bs, dqbs, dtype, cfg):
         scale, offset = dq if dq else (None, None)
         return fn(a, codes, absmax, scale, offset, spec=spec, config=cfg)
 
-    lowers_for_h100(call, jax.ShapeDtypeStruct((m, rows), dtype), *w)
+    modules: list[str] = []
+    lowers_for_h100(call, jax.ShapeDtypeStruct((m, rows), dtype), *w, modules=modules)
+    # No floor division (divide, remainder, select) of a traced index anywhere: in the tile
+    # offsets it hides their alignment from Triton, which then loads the packed weight one byte
+    # at a time and does not pipeline the loop (measured: see pallas_kernels._common.k_offsets).
+    assert modules and all("arith.remsi" not in t for t in modules)
 
 
 def test_supported():

@@ -16,7 +16,7 @@ import pytest
 
 
 @contextlib.contextmanager
-def _pretend_h100_and_verify():
+def _pretend_h100_and_verify(modules: list[str] | None = None):
     try:
         from jax._src.pallas.triton import gpu_info
         from jax._src.pallas.triton import pallas_call_registration as reg
@@ -28,6 +28,8 @@ def _pretend_h100_and_verify():
     def lower_and_verify(*args, **kwargs):
         result = old_lower(*args, **kwargs)
         result.module.operation.verify()   # raises with the verifier's message
+        if modules is not None:
+            modules.append(result.module.operation.get_asm(enable_debug_info=False))
         return result
 
     reg.gpu_info_lib.get_gpu_info = lambda: info
@@ -39,11 +41,12 @@ def _pretend_h100_and_verify():
         reg.lowering.lower_jaxpr_to_triton_module = old_lower
 
 
-def lowers_for_h100(fn, *avals) -> str:
+def lowers_for_h100(fn, *avals, modules: list[str] | None = None) -> str:
     """The StableHLO text of ``jax.jit(fn)`` exported for CUDA (H100), every Triton module
-    verified; asserts that a Triton custom call is in it."""
+    verified (and its text appended to ``modules`` when given); asserts that a Triton custom
+    call is in it."""
     check = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
-    with _pretend_h100_and_verify():
+    with _pretend_h100_and_verify(modules):
         exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=check)(*avals)
         text = exported.mlir_module()
     assert "xla.gpu.triton" in text
