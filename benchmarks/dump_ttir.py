@@ -1,7 +1,8 @@
 """Writes the Triton IR of a Pallas kernel as lowered for an H100/H200, on a machine without a GPU.
 
-Offline instruction counting: lower ``nf4_decode`` (or another kernel) for CUDA with the Triton
-lowering patched to record each module, write the ``.ttir`` files, then compile them with the
+Offline instruction counting: lower ``nf4_decode`` (or another kernel) for CUDA through the
+tests' H100 lowering helper (`tests/triton_lowering.py`, which keeps each module), write the
+``.ttir`` files, then compile them with the
 ``triton`` package in a scratch venv and read the SASS (`benchmarks/README.md`, "Offline SASS"):
 
     python benchmarks/dump_ttir.py --out /tmp/ttir decode --m 1 --k 4096 --n 11008
@@ -16,38 +17,15 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [_ROOT, os.path.join(_ROOT, "tests")]
 warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from jax._src.pallas.triton import gpu_info as gpu_info_lib  # noqa: E402
-from jax._src.pallas.triton import lowering as tl_lowering  # noqa: E402
-from jax._src.pallas.triton import pallas_call_registration as reg  # noqa: E402
-
 import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import _common, tuning  # noqa: E402
-
-
-def _capture(out_dir: str, tag: str, meta: dict) -> None:
-    """Patches the lowering so that each Triton module is written to ``out_dir``."""
-    original = tl_lowering.lower_jaxpr_to_triton_module
-    count = [0]
-
-    def lower(*args, **kwargs):
-        result = original(*args, **kwargs)
-        path = os.path.join(out_dir, f"{tag}_{count[0]}.ttir")
-        with open(path, "w") as f:
-            f.write(result.module.operation.get_asm(enable_debug_info=False))
-        with open(path + ".meta", "w") as f:
-            f.write(" ".join(f"{k}={v}" for k, v in meta.items()) + "\n")
-        print(f"wrote {path} ({meta})")
-        count[0] += 1
-        return result
-
-    reg.lowering.lower_jaxpr_to_triton_module = lower
-    info = gpu_info_lib.GpuInfo(gpu_version=None, arch_name="9.0", compute_capability=90)
-    reg.gpu_info_lib.get_gpu_info = lambda: info
+from triton_lowering import lowers_for_h100  # noqa: E402  (the tests' H100 lowering, modules kept)
 
 
 def main() -> None:
@@ -66,19 +44,22 @@ def main() -> None:
         cur = getattr(cfg, key)
         cfg = cfg.replace(**{key: type(cur)(int(val)) if not isinstance(cur, str) else val})
     spec = _common.make_spec(a.n, a.k, 64, 256, _common.CODE_TABLES["nf4"])
-    _capture(a.out, f"{a.op}_m{a.m}_k{a.k}_n{a.n}",
-             {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    x = jax.ShapeDtypeStruct((a.m, a.k), jnp.bfloat16)
+    x = jax.ShapeDtypeStruct((a.m, a.n if a.op == "input_grad" else a.k), jnp.bfloat16)
     codes = jax.ShapeDtypeStruct((a.n * a.k // 2,), jnp.uint8)
     absmax = jax.ShapeDtypeStruct((a.n * a.k // 64,), jnp.uint8)
-    nsc = -(-a.n * a.k // 64 // 256)
-    scale = jax.ShapeDtypeStruct((nsc,), jnp.float32)
+    scale = jax.ShapeDtypeStruct((-(-a.n * a.k // 64 // 256),), jnp.float32)
     offset = jax.ShapeDtypeStruct((), jnp.float32)
     kernel = {"decode": pk.nf4_decode, "forward": pk.nf4_matmul, "input_grad": pk.nf4_matmul_dx}[a.op]
-    if a.op == "input_grad":
-        x = jax.ShapeDtypeStruct((a.m, a.n), jnp.bfloat16)
     f = lambda x, c, am, s, o: kernel(x, c, am, s, o, spec=spec, config=cfg)  # noqa: E731
-    jax.jit(f).trace(x, codes, absmax, scale, offset).lower(lowering_platforms=("cuda",))
+    modules: list[str] = []
+    lowers_for_h100(f, x, codes, absmax, scale, offset, modules=modules)
+    for i, text in enumerate(modules):
+        path = os.path.join(a.out, f"{a.op}_m{a.m}_k{a.k}_n{a.n}_{i}.ttir")
+        with open(path, "w") as fh:
+            fh.write(text)
+        with open(path + ".meta", "w") as fh:   # what triton.compile needs besides the IR
+            fh.write(f"num_warps={cfg.num_warps} num_stages={cfg.num_stages}\n")
+        print(f"wrote {path}")
     print(cfg)
 
 

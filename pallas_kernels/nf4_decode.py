@@ -79,15 +79,18 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
     # x's M rows would be rejected at trace time even though it is never dereferenced.
     row0 = pid_n * 0
 
-    def packed_tile(step, j):
-        """(packed uint8 [bn, sb/2], float32 scales [bn]) of sub-step j of K step ``step``."""
-        _, kbyte, kblock = _common.k_offsets(step, bk, j * sb, spec.block_size)
+    def offsets(step, j):
+        """(column, byte, block column) of sub-step j of K step ``step``."""
+        return _common.k_offsets(step, bk, j * sb, spec.block_size)
+
+    def packed_tile(kbyte, kblock):
+        """(packed uint8 [bn, sb/2], float32 scales [bn]) of the sub-step at these offsets."""
         ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kbyte, sb // 2)]
         wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
         return wp, _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)
 
-    def weight_tile(step, j, dtype):
-        wp, scales = packed_tile(step, j)
+    def weight_tile(kbyte, kblock, dtype):
+        wp, scales = packed_tile(kbyte, kblock)
         return _common.dequant_tile(spec, wp, scales, dtype, cfg.lut, lut_ref, interpret=interpret)
 
     if cfg.use_dot:
@@ -95,10 +98,10 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
 
         def body(step, acc):
             for j in range(bk // sb):
-                kk, _, _ = _common.k_offsets(step, bk, j * sb, spec.block_size)
+                kk, kbyte, kblock = offsets(step, j)
                 xs = x_ref.at[pl.ds(row0, mp), pl.ds(kk, sb)]
                 xt = xs[...] if mask_x is None else pltriton.load(xs, mask=mask_x, other=0)
-                w = weight_tile(step, j, xt.dtype)
+                w = weight_tile(kbyte, kblock, xt.dtype)
                 acc += jax.lax.dot_general(w, xt, (((1,), (1,)), ((), ())),
                                            preferred_element_type=jnp.float32)
             return acc
@@ -115,8 +118,8 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         def body(step, accs):
             accs = list(accs)
             for j in range(bk // sb):
-                _, kword, _ = _common.k_offsets(step, bk, j * sb, spec.block_size)
-                wp, scales = packed_tile(step, j)
+                _, kword, kblock = offsets(step, j)   # a weight byte lines up with an x word
+                wp, scales = packed_tile(kword, kblock)
                 words = byte_lut.decode_pair_words(wp, spec.code_table, jnp.bfloat16, interpret=interpret)
                 w_even, w_odd = byte_lut.bf16_halves_f32(words)
                 s = scales[:, None]
@@ -137,8 +140,8 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         def body(step, accs):
             accs = list(accs)
             for j in range(bk // sb):
-                kk, _, _ = _common.k_offsets(step, bk, j * sb, spec.block_size)
-                wp, scales = packed_tile(step, j)
+                kk, kbyte, kblock = offsets(step, j)
+                wp, scales = packed_tile(kbyte, kblock)
                 # float32 weights: no rounding of the weight at all
                 w_even, w_odd = _common.dequant_pair(spec, wp, scales, jnp.float32, cfg.lut, lut_ref,
                                                      interpret=interpret)
