@@ -48,7 +48,7 @@ warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecat
 KN_SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192)]
 M_VALUES = [1, 4, 16, 512, 2048, 4096, 8192]
 QUICK_KN = [(4096, 4096), (4096, 11008)]
-QUICK_M = [1, 16, 4096]
+QUICK_M = [1, 4, 16, 4096]
 DX_MIN_M = 512  # the input gradient is a training op: timed from this M up
 L2_BYTES = 50 * 2**20
 CEILINGS = {"copy_gb_s": 2483.0, "bf16_tflop_s": 607.0}  # H100_BASELINE.md, measured on one H100
@@ -281,25 +281,26 @@ def sweep_candidates(op: str, m: int) -> list:
     from pallas_kernels.tuning import TileConfig as C
 
     if op == "decode":
-        # block_n, block_k, split_k, warps, stages, use_dot, lut. Round 4 (2026-12-02): the tile
-        # loads are now 16-byte vectors (`pallas_kernels._common.k_offsets`; they had been single
-        # bytes), so the earlier finding that small tiles win is re-tested: the old bests, then
-        # wide K steps that leave one or two steps a program (Triton does not pipeline these
-        # loads; a step's loads are issued together).
-        grid = [(64, 128, 8, 4, 3, True, "prmt"), (64, 256, 8, 4, 3, True, "prmt"),
-                (128, 128, 8, 4, 3, True, "prmt"), (64, 128, 16, 4, 3, True, "prmt"),
-                (64, 256, 16, 4, 3, True, "prmt"), (32, 256, 16, 4, 3, True, "prmt"),
-                (128, 256, 8, 8, 3, True, "prmt"), (256, 128, 8, 4, 3, True, "prmt"),
-                (256, 128, 8, 8, 3, True, "prmt"), (128, 128, 16, 8, 3, True, "prmt"),
-                (128, 64, 16, 4, 3, True, "prmt"), (128, 128, 4, 4, 3, True, "prmt")]
+        # block_n, block_k, split_k, warps, stages, use_dot, pair_fma. Round 6 (2026-12-02,
+        # third session): the word path with the bf16x2 dot of 4 bytes (`byte_lut.pair_dot_program`)
+        # around the earlier bests, which stay in as baselines (rounds 4-5 are in the tuning
+        # table's comments), and (run18) the same with the register double buffer (`prefetch`).
+        grid = [(128, 128, 8, 4, 3, True, False), (128, 64, 16, 4, 3, True, False),
+                (64, 128, 8, 4, 3, True, False), (128, 128, 16, 8, 3, True, False)]
         if m <= 4:
-            grid += [(64, 64, 16, 2, 4, False, "prmt"), (64, 256, 16, 2, 3, False, "prmt"),
-                     (64, 256, 16, 4, 3, False, "prmt"), (32, 256, 16, 2, 3, False, "prmt"),
-                     (32, 512, 8, 2, 3, False, "prmt"), (32, 512, 8, 4, 3, False, "prmt"),
-                     (64, 512, 8, 4, 3, False, "prmt"), (16, 512, 8, 1, 3, False, "prmt"),
-                     (128, 256, 16, 4, 3, False, "prmt"), (64, 1024, 4, 4, 3, False, "prmt")]
-        return [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns, lut=lut, use_dot=dot)
-                for bn, bk, sk, nw, ns, dot, lut in grid]
+            grid += [(64, 256, 16, 4, 3, False, False)]
+            grid += [(bn, bk, sk, nw, ns, False, True) for bn, bk, sk, nw, ns in [
+                (64, 256, 16, 4, 3), (64, 128, 16, 4, 3), (128, 256, 8, 4, 3), (64, 512, 8, 4, 3),
+                (32, 256, 16, 2, 3), (128, 128, 16, 4, 3), (64, 256, 8, 4, 3), (128, 256, 16, 8, 3),
+                (64, 256, 32, 4, 3), (256, 256, 8, 8, 3), (32, 512, 16, 2, 3), (64, 256, 16, 2, 3)]]
+        cands = [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns, lut="prmt", use_dot=dot,
+                   pair_fma=pf) for bn, bk, sk, nw, ns, dot, pf in grid]
+        if m <= 4:   # the register double buffer needs several K steps a program
+            cands += [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=1, lut="prmt", use_dot=False,
+                        pair_fma=True, prefetch=True)
+                      for bn, bk, sk, nw in [(64, 256, 4, 4), (64, 256, 8, 4), (32, 256, 4, 2), (64, 128, 8, 4),
+                                             (128, 256, 4, 8), (32, 256, 8, 2)]]
+        return cands
     if op == "forward":
         # round 2 (vector loads): the shared memory of 3-4 stages must fit in 227 KB
         return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
@@ -397,7 +398,7 @@ def _override(overrides: dict | None, op: str, m: int):
 
 def _cfg_str(c) -> str:
     return (f"bm{c.block_m} bn{c.block_n} bk{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages} "
-            f"{c.lut}{' dot' if c.use_dot else ''}")
+            f"{c.lut}{' dot' if c.use_dot else ''}{' pair_fma' if c.pair_fma else ''}{' prefetch' if c.prefetch else ''}")
 
 
 # ------------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ byte holding the bf16/f16 table values of its even (high-nibble, low half) and o
 high half) elements, optionally times a per-byte scale in that type; `decode_pairs` splits the
 words into the even and odd tiles; `decode_words` gives ``table[code] * scale`` computed in
 float32 and rounded once, packed the same way (the dense array's words, what the XLA path
-writes).
+writes); `pair_dot_accumulate` decodes 4 bytes and, in the same PTX block, sums their 8
+products with x in packed bf16x2 FMAs into a float32 sum (the decode kernel's M=1 path).
 
 Why: a select tree on the 16 constants costs ~25 integer/select instructions a weight, which
 made every earlier NF4 kernel issue-bound. ``prmt d, a, b, s`` picks, for each of the four bytes
@@ -50,11 +51,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["Program", "pairs_program", "words_program", "decode_pair_words", "decode_pairs",
-           "split_pair_words", "decode_words", "run_program", "DTYPES"]
+__all__ = ["Program", "pairs_program", "words_program", "pair_dot_program", "table_words", "table_tile",
+           "decode_pair_words", "decode_pairs", "split_pair_words", "decode_words",
+           "pair_dot_accumulate", "run_program", "DTYPES", "N_TABLE_WORDS"]
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _NEG_ZERO2 = 0x80008000   # (-0, -0) in bf16x2 and f16x2 alike: the addend of a plain product
+_ONES = 0x01010101        # the byte source of the "code < 8" masks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +65,10 @@ class Program:
     """A straight-line list of 32-bit operations: ``(op, dst, *sources)``; a source is a register
     name or an int immediate. Inputs are ``in0, in1, ...``, outputs ``out0, out1, ...``.
 
-    Ops: ``xor and shr mul`` (u32; ``mul`` keeps the low 32 bits), ``prmt a b sel``,
-    ``fma2 a b c`` (packed bf16x2/f16x2 ``a*b+c``, per ``half``), ``fmul a b`` (f32),
-    ``cvt2 a b`` (two f32 -> one bf16x2/f16x2 word: ``a`` high half, ``b`` low half)."""
+    Ops: ``xor and shr shl mul mov`` (u32; ``mul`` keeps the low 32 bits), ``prmt a b sel``,
+    ``fma2 a b c`` / ``mul2 a b`` (packed bf16x2/f16x2 ``a*b+c`` / ``a*b``, per ``half``),
+    ``fmul a b`` / ``fma a b c`` (f32), ``cvt2 a b`` (two f32 -> one bf16x2/f16x2 word: ``a``
+    high half, ``b`` low half)."""
 
     ops: tuple[tuple, ...]
     n_in: int
@@ -90,7 +94,7 @@ class Program:
         def src(op: str, i: int, a: str | int) -> str:
             if isinstance(a, str):
                 return names[a]
-            if op == "shr":
+            if op in ("shr", "shl"):
                 return str(a)
             return consts[a & 0xFFFFFFFF] if _immediate_in_register(op, i) else f"0x{a & 0xFFFFFFFF:08x}"
 
@@ -104,13 +108,14 @@ class Program:
 
 
 # The PTX instruction of each op (``{h}``: the packed 16-bit float type).
-_PTX_OPS = {"xor": "xor.b32", "and": "and.b32", "shr": "shr.u32", "mul": "mul.lo.u32",
-            "prmt": "prmt.b32", "fma2": "fma.rn.{h}", "fmul": "mul.rn.f32", "cvt2": "cvt.rn.{h}.f32"}
+_PTX_OPS = {"xor": "xor.b32", "and": "and.b32", "shr": "shr.u32", "shl": "shl.b32", "mul": "mul.lo.u32",
+            "mov": "mov.b32", "prmt": "prmt.b32", "fma2": "fma.rn.{h}", "mul2": "mul.rn.{h}",
+            "fmul": "mul.rn.f32", "fma": "fma.rn.f32", "cvt2": "cvt.rn.{h}.f32"}
 
 
 def _immediate_in_register(op: str, i: int) -> bool:
     """Whether an immediate source ``i`` of ``op`` is first moved into a register."""
-    return (op == "prmt" and i < 2) or op == "fma2"
+    return (op == "prmt" and i < 2) or op in ("fma2", "mul2", "fma", "fmul")
 
 
 def _prmt(a: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array:
@@ -159,19 +164,31 @@ def run_program(prog: Program, inputs: Sequence[jax.Array]) -> list[jax.Array]:
             r = val(args[0]) & val(args[1])
         elif op == "shr":
             r = val(args[0]) >> args[1]
+        elif op == "shl":
+            r = val(args[0]) << args[1]
+        elif op == "mov":
+            r = val(args[0])
         elif op == "mul":
             r = val(args[0]) * val(args[1])   # uint32 wraps: the low 32 bits
         elif op == "prmt":
             r = _prmt(val(args[0]), val(args[1]), val(args[2]))
-        elif op == "fma2":
-            # a*b of two 16-bit floats is exact in float32; + (-0) changes nothing; one rounding
-            (al, ah), (bl, bh), (cl, ch) = (_halves(val(s), half) for s in args)
+        elif op in ("fma2", "mul2"):
+            # a*b of two 16-bit floats is exact in float32, so the sum below is rounded once
+            # in float32 and once to the half type (the GPU rounds once; the two differ only
+            # when the float32 sum is inexact and lands on a half-way point)
+            halves = [_halves(val(s), half) for s in args]
+            if op == "mul2":
+                halves.append((jnp.zeros(shape, jnp.float32),) * 2)
+            (al, ah), (bl, bh), (cl, ch) = halves
             lo = (al.astype(jnp.float32) * bl.astype(jnp.float32) + cl.astype(jnp.float32)).astype(half)
             hi = (ah.astype(jnp.float32) * bh.astype(jnp.float32) + ch.astype(jnp.float32)).astype(half)
             r = _pack_halves(lo, hi)
         elif op == "fmul":
             a, b = (jax.lax.bitcast_convert_type(val(s), jnp.float32) for s in args)
             r = jax.lax.bitcast_convert_type(a * b, jnp.uint32)
+        elif op == "fma":   # modelled with two roundings; the GPU's fma rounds once
+            a, b, c = (jax.lax.bitcast_convert_type(val(s), jnp.float32) for s in args)
+            r = jax.lax.bitcast_convert_type(a * b + c, jnp.uint32)
         elif op == "cvt2":
             a, b = (jax.lax.bitcast_convert_type(val(s), jnp.float32) for s in args)
             r = _pack_halves(b.astype(half), a.astype(half))
@@ -206,12 +223,13 @@ def _plane_ops(ops: list, tag: str, sel: str, selx: str, mask: str, regs: tuple[
     return d
 
 
-def _selector_ops(ops: list) -> None:
-    """Selectors and blend masks of the two nibble groups of ``in0`` (see the module docstring)."""
+def _selector_ops(ops: list, ones: int | str = _ONES) -> None:
+    """Selectors and blend masks of the two nibble groups of ``in0`` (see the module docstring);
+    ``ones``: 0x01010101, or the register holding it."""
     ops += [("shr", "sB", "in0", 16),
             ("xor", "xA", "in0", 0x8888), ("xor", "xB", "sB", 0x8888),
-            ("prmt", "mA", 0x01010101, 0x01010101, "in0"), ("mul", "mA", "mA", 0xFF),
-            ("prmt", "mB", 0x01010101, 0x01010101, "sB"), ("mul", "mB", "mB", 0xFF)]
+            ("prmt", "mA", ones, ones, "in0"), ("mul", "mA", "mA", 0xFF),
+            ("prmt", "mB", ones, ones, "sB"), ("mul", "mB", "mB", 0xFF)]
 
 
 def _bits16(values: Sequence[float], dtype: Any) -> list[int]:
@@ -227,18 +245,73 @@ def pairs_program(values: tuple[float, ...], dtype_name: str, scaled: bool) -> P
     elements of the byte in memory order, times the scale in ``dtype`` arithmetic if ``scaled``."""
     L, H = _planes(_bits16(values, dtype_name), 2)
     ops: list = []
-    _selector_ops(ops)
-    pla = _plane_ops(ops, "LA", "in0", "xA", "mA", L)
-    pha = _plane_ops(ops, "HA", "in0", "xA", "mA", H)
-    plb = _plane_ops(ops, "LB", "sB", "xB", "mB", L)
-    phb = _plane_ops(ops, "HB", "sB", "xB", "mB", H)
-    # plane bytes hold [o0, e0, o1, e1]: byte 0's pair takes plane bytes 1 and 0, byte 1's 3, 2
     outs = [f"v{j}" if scaled else f"out{j}" for j in range(4)]
-    ops += [("prmt", outs[0], pla, pha, 0x4051), ("prmt", outs[1], pla, pha, 0x6273),
-            ("prmt", outs[2], plb, phb, 0x4051), ("prmt", outs[3], plb, phb, 0x6273)]
+    _pair_word_ops(ops, outs, L, H, _ONES)
     if scaled:
         ops += [("fma2", f"out{j}", f"v{j}", f"in{1 + j}", _NEG_ZERO2) for j in range(4)]
     return Program(tuple(ops), 5 if scaled else 1, 4, dtype_name)
+
+
+def _pair_word_ops(ops: list, outs: Sequence[str], L: Sequence[int | str], H: Sequence[int | str],
+                   ones: int | str) -> None:
+    """Ops leaving in ``outs[j]`` the 16-bit pair (even low, odd high) of byte ``j`` of ``in0``,
+    from the table's low and high byte planes ``L``, ``H`` (immediates or registers)."""
+    _selector_ops(ops, ones)
+    pla = _plane_ops(ops, "LA", "in0", "xA", "mA", tuple(L))
+    pha = _plane_ops(ops, "HA", "in0", "xA", "mA", tuple(H))
+    plb = _plane_ops(ops, "LB", "sB", "xB", "mB", tuple(L))
+    phb = _plane_ops(ops, "HB", "sB", "xB", "mB", tuple(H))
+    # plane bytes hold [o0, e0, o1, e1]: byte 0's pair takes plane bytes 1 and 0, byte 1's 3, 2
+    ops += [("prmt", outs[0], pla, pha, 0x4051), ("prmt", outs[1], pla, pha, 0x6273),
+            ("prmt", outs[2], plb, phb, 0x4051), ("prmt", outs[3], plb, phb, 0x6273)]
+
+
+# Inputs of `pair_dot_program` after the packed word, each one register a byte (4 in a row).
+_DOT_X, _DOT_SCALE, _DOT_ACC, _DOT_TABLE = 1, 5, 9, 13
+N_TABLE_WORDS = 9   # the low and high byte planes (4 words each) and 0x01010101
+
+
+def table_words(values: Sequence[float], dtype: Any) -> np.ndarray:
+    """int32 [N_TABLE_WORDS]: the registers `pair_dot_program` takes its table from (the byte
+    planes of the 16 ``dtype`` values, then 0x01010101)."""
+    L, H = _planes(_bits16(values, jnp.dtype(dtype).name), 2)
+    return np.array([*L, *H, _ONES], np.uint32).view(np.int32)
+
+
+def table_tile(values: Sequence[float], dtype: Any, h: int) -> np.ndarray:
+    """int32 ``[N_TABLE_WORDS, h]``: `table_words` repeated along ``h``, for a kernel to load as
+    one ``[1, h]`` tile a word (each thread then reads its own copy; see `pair_dot_accumulate`)."""
+    return np.repeat(table_words(values, dtype)[:, None], h, axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def pair_dot_program(dtype_name: str) -> Program:
+    """The dot of 4 packed bytes (8 weights) with their 8 activations, added to a float32 sum.
+
+    Inputs (one register a byte, 4 a row, as ``elementwise_inline_asm`` packs them): ``in0``
+    the word of 4 packed bytes; ``in1..4`` x words (the ``dtype`` pair of x a byte lines up
+    with); ``in5..8`` the float32 block scale (all 4 equal: the bytes share a block);
+    ``in9..12`` the float32 sums; ``in13 + 4i`` table register ``i`` (`table_words`).
+    Outputs: ``out0 = in9 + scale * (sum of the 8 products)``, ``out1..3 = in10..12``.
+
+    The 8 products are summed as 2 ``dtype`` lanes (even and odd weights) in one multiply and
+    three packed FMAs; the two lanes then go to float32 exactly. The table comes in registers
+    rather than as immediates: given immediates, ptxas keeps them in uniform registers and
+    copies each one back before every permute that reads it (a quarter of the instructions
+    of the float32 word path, counted in its SASS)."""
+    t = [f"in{_DOT_TABLE + 4 * i}" for i in range(N_TABLE_WORDS)]
+    ops: list = []
+    _pair_word_ops(ops, [f"v{j}" for j in range(4)], t[0:4], t[4:8], t[8])
+    ops += [("mul2", "p", "v0", f"in{_DOT_X}")]
+    ops += [("fma2", "p", f"v{j}", f"in{_DOT_X + j}", "p") for j in (1, 2, 3)]
+    if dtype_name == "bfloat16":   # a bf16 is the top half of its float32
+        ops += [("shl", "pe", "p", 16), ("and", "po", "p", 0xFFFF0000)]
+    else:
+        raise ValueError(f"pair_dot_program supports bfloat16 pairs, got {dtype_name}")
+    ops += [("fma", "a", "pe", f"in{_DOT_SCALE}", f"in{_DOT_ACC}"),
+            ("fma", "out0", "po", f"in{_DOT_SCALE}", "a")]
+    ops += [("mov", f"out{j}", f"in{_DOT_ACC + j}") for j in (1, 2, 3)]
+    return Program(tuple(ops), _DOT_TABLE + 4 * N_TABLE_WORDS, 4, dtype_name)
 
 
 @functools.lru_cache(maxsize=64)
@@ -328,6 +401,33 @@ def decode_pair_words(packed: jax.Array, values: Sequence[float], dtype: Any,
         b = jax.lax.bitcast_convert_type(scale.astype(dtype), jnp.int16).astype(jnp.int32) & 0xFFFF
         per_byte.append(jnp.broadcast_to(b | (b << 16), packed.shape))
     return _run(prog, packed, per_byte, interpret)
+
+
+def pair_dot_accumulate(packed: jax.Array, x_words: jax.Array, scale: jax.Array, acc: jax.Array,
+                        table: Sequence[jax.Array], *, interpret: bool) -> jax.Array:
+    """float32 ``[r, h]``: ``acc`` plus, in one element of every 4, ``scale`` times the dot of
+    those 4 bytes' weights (``table`` values of their nibbles) with their x pairs; the other
+    three elements of ``acc`` pass through. `pair_dot_program` on each 4 bytes.
+
+    Args:
+      packed: uint8 ``[r, h]`` packed bytes (``h % 4 == 0``; each 4 bytes in one block).
+      x_words: int32 ``[1, h]`` or ``[r, h]``: the bf16 pair of activations of each byte.
+      scale: float32 ``[r, 1]`` or ``[r, h]``, the block scale of each byte.
+      acc: float32 ``[r, h]`` running sums.
+      table: the `N_TABLE_WORDS` words of `table_words` (bf16 values), each a scalar or an
+        int32 array broadcastable to ``[r, h]``. In a kernel, load them as ``[1, h]`` tiles
+        (`table_tile`): a scalar is the same for every thread, and ptxas then keeps it in a
+        uniform register and copies it back before each permute that reads it.
+    """
+    _check_tile(packed, jnp.bfloat16)
+    shape = packed.shape
+    as_words = lambda a: jnp.broadcast_to(jax.lax.bitcast_convert_type(a, jnp.int32), shape)  # noqa: E731
+    per_byte = [as_words(x_words), as_words(scale.astype(jnp.float32)), as_words(acc)]
+    if len(table) != N_TABLE_WORDS:
+        raise ValueError(f"table must hold {N_TABLE_WORDS} words, got {len(table)}")
+    per_byte += [jnp.broadcast_to(t, shape) for t in table]
+    out = _run(pair_dot_program("bfloat16"), packed, per_byte, interpret)
+    return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 
 def bf16_halves_f32(words: jax.Array) -> tuple[jax.Array, jax.Array]:

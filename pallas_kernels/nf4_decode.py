@@ -22,18 +22,21 @@ becomes float32 by one shift or mask, with one accumulator per row of x. There i
 nothing goes through shared memory (Nsight Compute had put the dot path's limit in the L1/shared
 pipe, not DRAM).
 
+With ``pair_fma`` (bf16 x) the word path instead sums each 4 bytes' 8 products as two bf16
+lanes in packed FMAs inside the lookup's inline PTX (`byte_lut.pair_dot_program`), then adds
+them to float32 sums: ~10.8 SASS instructions a packed byte instead of ~18, at ~1e-3 more
+relative error (bf16 rounding of 4-term partial sums). With ``prefetch`` the K loop carries the
+next step's tiles in registers, so their loads go out before this step's arithmetic.
+
 Measured (H200, jax 0.11.2, NF4 + double quant, device-side, 2026-12-02, the tuning table's
-configs, bitsandbytes 0.50 in the same run). Until this session every weight-tile load was split
-into single-byte loads (see `pallas_kernels._common.k_offsets`); with 16-byte loads, at M=1 and
-K=4096 N=11008 the word path (64 rows, 256-wide K steps, 16 K splits, 4 warps) takes 0.0212 ms
-= 0.85x XLA cuBLAS bf16 (0.0249 ms; 1.10 TB/s of packed weight), bitsandbytes 0.0264 ms; at
-K=N=4096 0.0103 ms = 1.21x (bitsandbytes 0.0108). At M=16 the dot config (128 rows, 64-wide
-steps, 16 splits, 4 warps) takes 0.0245 ms = 1.03x bf16, bitsandbytes 0.0699 ms. Plain XLA
-dequantize->dot takes 0.08-0.21 ms. The target, 0.40x bf16 at M=1, is not reached: the word
-path's program (one K step of 256) is ~18 SASS instructions a packed byte (offline count,
-`benchmarks/dump_ttir.py`), a quarter of them copies of the lookup table's constants from
-uniform registers that ptxas re-makes before each byte permute. By that count the issue rate,
-not DRAM, is the likely bound near 1.1 TB/s (not yet confirmed with Nsight Compute).
+configs, bitsandbytes 0.50 in the same run; `benchmarks/README.md`): at M=1 the word path with
+``pair_fma`` and ``prefetch`` (32 rows, 256-wide K steps, 4 K splits, 2 warps) takes 0.0199 ms =
+0.77x XLA cuBLAS bf16 at K=4096 N=11008 (1.17 TB/s of packed weight; bitsandbytes 1.01x) and
+1.07x at K=N=4096 (bitsandbytes 1.26x). At M=4 and M=16 the dot config (128 rows, 64-wide steps,
+16 splits, 4 warps) takes 1.01-1.31x (bitsandbytes 2.8-4.0x). Plain XLA dequantize->dot takes
+8-9x. The target, 0.40x bf16 at M=1, is not reached. Halving the program's instructions (1136
+-> 688 a thread, offline count with `benchmarks/dump_ttir.py`) gained ~4% alone, so the issue
+rate is not the bound; latency and overlap are (short programs, a separate split-K sum).
 """
 
 from __future__ import annotations
@@ -61,8 +64,13 @@ def uses_x_words(cfg: TileConfig, dtype) -> bool:
     return not cfg.use_dot and cfg.lut == "prmt" and jnp.dtype(dtype) == jnp.bfloat16
 
 
+def uses_pair_fma(cfg: TileConfig, dtype) -> bool:
+    """Whether the word path sums 4 bytes' products in bf16x2 FMAs (`byte_lut.pair_dot_program`)."""
+    return cfg.pair_fma and uses_x_words(cfg, dtype)
+
+
 def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, steps_per_split: int,
-            x_words: bool, interpret: bool):
+            x_words: bool, pair_fma: bool, interpret: bool):
     *w_refs, o_ref = refs
     codes_ref, scale_refs, lut_ref = _common.split_weight_refs(spec, w_refs[:n_in], cfg.lut)
     bn, bk = cfg.block_n, cfg.block_k
@@ -108,6 +116,45 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
 
         acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bn, mp), jnp.float32))
         accs = [acc.T]  # [mp, bn]
+    elif pair_fma:
+        # As the word path below, but each 4 bytes' 8 products are summed in bf16x2 FMAs inside
+        # one inline-asm block (`byte_lut.pair_dot_program`). The table words are loaded once,
+        # as [1, h] tiles, so that they live in ordinary registers. With ``cfg.prefetch`` the
+        # loop carries the next step's tiles (a register double buffer): their loads are issued
+        # before this step's arithmetic, which then hides their latency.
+        h = sb // 2
+        table_ref = w_refs[n_in]
+        table = [table_ref[pl.ds(i, 1), :] for i in range(byte_lut.N_TABLE_WORDS)]
+
+        def load_step(step):
+            tiles = []
+            for j in range(bk // sb):
+                _, kword, kblock = offsets(step, j)   # a weight byte lines up with an x word
+                wp, scales = packed_tile(kword, kblock)
+                xs = tuple(x_ref[pl.ds(row0 + r, 1), pl.ds(kword, h)] for r in range(m))
+                tiles.append((wp, scales, xs))
+            return tuple(tiles)
+
+        def add_step(tiles, accs):
+            accs = list(accs)
+            for wp, scales, xs in tiles:
+                for r in range(m):
+                    accs[r] = byte_lut.pair_dot_accumulate(wp, xs[r], scales[:, None], accs[r], table,
+                                                           interpret=interpret)
+            return tuple(accs)
+
+        acc0 = tuple(jnp.zeros((bn, h), jnp.float32) for _ in range(m))
+        if cfg.prefetch:
+            def body(step, carry):
+                accs, tiles = carry
+                # the last step reloads itself (in bounds; an L2 hit) rather than branching
+                nxt = load_step(jnp.minimum(step + 1, hi - 1))
+                return add_step(tiles, accs), nxt
+
+            acc2, _ = jax.lax.fori_loop(lo, hi, body, (acc0, load_step(lo)))
+        else:
+            acc2 = jax.lax.fori_loop(lo, hi, lambda step, accs: add_step(load_step(step), accs), acc0)
+        accs = [jnp.sum(a, axis=1) for a in acc2]
     elif x_words:
         # Word for word: byte j of a weight row decodes (byte permutes) to the bf16 pair of
         # weights 2j, 2j+1 (unscaled table values), and word j of x's row is the bf16 pair
@@ -214,11 +261,15 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
     config = config.replace(split_k=split_k)
     ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, config.lut)
     x_words = uses_x_words(config, x.dtype)
+    pair_fma = uses_pair_fma(config, x.dtype)
+    if pair_fma:
+        h = min(config.block_k, spec.block_size) // 2
+        ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, h))]
     x_in = x
     if x_words:   # int32 [M, k/2] view of the bf16 pairs (a bitcast; no copy when K' == k)
         x_in = jax.lax.bitcast_convert_type(x[:, : spec.k].reshape(m, spec.k // 2, 2), jnp.int32)
     kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, steps_per_split=steps,
-                               x_words=x_words, interpret=interpret)
+                               x_words=x_words, pair_fma=pair_fma, interpret=interpret)
     if split_k > 1:
         out_shape = jax.ShapeDtypeStruct((split_k, m, spec.n), jnp.float32)
     else:

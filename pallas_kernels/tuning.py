@@ -8,7 +8,9 @@ A `TileConfig` holds every knob; each kernel reads the fields it uses:
   reduction (N) step ``block_n``, ``group_m``.
 - ``nf4_decode`` (small M): ``block_n`` weight rows a program, K step ``block_k``, ``split_k``
   programs along K (partial sums added by XLA), ``use_dot`` (tensor-core dot on M padded to 16,
-  or multiply-and-reduce on the CUDA cores).
+  or multiply-and-reduce on the CUDA cores), ``pair_fma`` (on the CUDA-core path with bf16 x:
+  sum each 4 bytes' products in packed bf16x2 FMAs before float32; `byte_lut.pair_dot_program`),
+  ``prefetch`` (with ``pair_fma``: load the next K step's tiles before this step's arithmetic).
 - all: ``num_warps``, ``num_stages`` (Triton), ``lut`` (see `pallas_kernels._common.LUT_MODES`).
 
 `get_config` looks up ``TABLE`` by device family (from ``jax.devices()[0].device_kind``) and op,
@@ -40,6 +42,8 @@ class TileConfig:
     num_stages: int = 3
     lut: str = "tree"
     use_dot: bool = True
+    pair_fma: bool = False
+    prefetch: bool = False
 
     def replace(self, **kwargs) -> "TileConfig":
         return dataclasses.replace(self, **kwargs)
@@ -83,11 +87,20 @@ _INF = 1 << 62
 #   128x128x64, 4 warps, 1.78x bf16 (was 2.51x); input gradient 256x128 (64-wide), 8 warps,
 #   2.36x (the old 256x128x128 tile now needs 233 KB of shared memory and does not launch).
 #   Plain XLA NF4 is ~1.2-1.4x at M=4096, so the training rows stay declined.
+# - 2026-12-02 (third session), round 6 (`benchmarks/gpu/run17.sh`, run18.sh): the word path with
+#   the bf16x2 dot of 4 bytes (`pair_fma`, ~10.8 SASS instructions a packed byte instead of ~18)
+#   and the register double buffer (`prefetch`). At M=1 halving the instructions bought little
+#   alone (K=4096 N=11008: 0.0214 -> 0.0206 ms in one run); with the double buffer and 4 K splits
+#   the best mean over the three shapes is 32 rows, 256-wide steps, 2 warps: 0.76x / 0.80x /
+#   1.05x bf16 (K=4096 N=11008 / K=11008 N=4096 / K=N=4096; the old word path's config 0.81x /
+#   1.03x / 1.19x). Two runs of the same config differ by up to ~15% at these ~20 us times. M=4:
+#   the dot with 64-wide steps and 16 splits, 1.00-1.02x (the word path with pair_fma 1.18x at
+#   best; with the double buffer it spills and takes ~1 ms).
 _HOPPER = {
     "decode": (
-        Entry(1, TileConfig(block_n=64, block_k=256, split_k=16, num_warps=4, num_stages=3, lut="prmt",
-                            use_dot=False), True),
-        Entry(4, TileConfig(block_n=128, block_k=128, split_k=8, num_warps=4, num_stages=3, lut="prmt",
+        Entry(1, TileConfig(block_n=32, block_k=256, split_k=4, num_warps=2, num_stages=1, lut="prmt",
+                            use_dot=False, pair_fma=True, prefetch=True), True),
+        Entry(4, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                             use_dot=True), True),
         Entry(16, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                              use_dot=True), True),

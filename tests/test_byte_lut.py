@@ -120,6 +120,68 @@ def test_bad_tiles_raise():
         byte_lut.decode_pairs(jnp.zeros((4, 8), jnp.uint8), TABLES["nf4"], jnp.float32, interpret=True)
 
 
+def _pair_dot_inputs(seed: int):
+    """(packed [64, 32], x words [64, 32] int32 of random bf16 pairs, scale [64, 1], acc [64, 32])."""
+    rng = np.random.default_rng(seed)
+    packed = _tile(seed)
+    x = np.asarray(jnp.asarray(rng.standard_normal((64, 64)).astype(np.float32), jnp.bfloat16))
+    x_words = x.view(np.uint16).astype(np.uint32)
+    x_words = (x_words[:, 0::2] | (x_words[:, 1::2] << 16)).view(np.int32)   # (x[2j] low, x[2j+1] high)
+    scale = np.abs(rng.standard_normal((64, 1))).astype(np.float32) + 0.1
+    acc = rng.standard_normal((64, 32)).astype(np.float32)
+    return packed, x_words, scale, acc, x.astype(np.float32)
+
+
+def _table_args(dtype=jnp.bfloat16):
+    return [jnp.int32(w) for w in byte_lut.table_words(TABLES["nf4"], dtype)]
+
+
+def test_pair_dot_model_is_the_bf16_fma_chain():
+    """The model of `pair_dot_program` equals, bit for bit, the sequence it claims: per 4 bytes
+    and per lane (even, odd weights), a bf16 product and three bf16 FMAs, then float32
+    ``acc + s * even + s * odd`` in the first element; the other three pass through. Written
+    here in numpy on the table's bf16 values (float32 sums rounded to bf16)."""
+    packed, x_words, scale, acc, x = _pair_dot_inputs(3)
+    got = np.asarray(byte_lut.pair_dot_accumulate(jnp.asarray(packed), jnp.asarray(x_words),
+                                                  jnp.asarray(scale), jnp.asarray(acc), _table_args(),
+                                                  interpret=True))
+    t = np.asarray(jnp.asarray(np.asarray(TABLES["nf4"], np.float32), jnp.bfloat16).astype(jnp.float32))
+    bf = lambda a: np.asarray(jnp.asarray(a, jnp.float32).astype(jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+    want = acc.copy()
+    for g in range(8):
+        b = slice(4 * g, 4 * g + 4)
+        w_even, w_odd = t[packed[:, b] >> 4], t[packed[:, b] & 0xF]     # [64, 4]
+        x_even, x_odd = x[:, 8 * g:8 * g + 8:2], x[:, 8 * g + 1:8 * g + 8:2]
+        lanes = []
+        for w, xx in ((w_even, x_even), (w_odd, x_odd)):
+            p = bf(w[:, 0] * xx[:, 0])
+            for j in (1, 2, 3):
+                p = bf(w[:, j] * xx[:, j] + p)
+            lanes.append(p)
+        s = scale[:, 0]
+        want[:, 4 * g] = (lanes[1] * s + (lanes[0] * s + acc[:, 4 * g])).astype(np.float32)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_pair_dot_is_close_to_the_exact_dot():
+    """Against the float64 dot of the float32 table values: each 4-byte sum is within the
+    rounding of its bf16 table values and of 4 bf16 steps, |error| <= 6 * 2^-8 * sum |terms|."""
+    packed, x_words, scale, acc, x = _pair_dot_inputs(4)
+    zero = np.zeros_like(acc)
+    got = np.asarray(byte_lut.pair_dot_accumulate(jnp.asarray(packed), jnp.asarray(x_words),
+                                                  jnp.asarray(scale), jnp.asarray(zero), _table_args(),
+                                                  interpret=True), np.float64)
+    t = np.asarray(TABLES["nf4"], np.float64)
+    w = np.stack([t[packed >> 4], t[packed & 0xF]], axis=-1).reshape(64, 64)   # memory order
+    terms = (w * x * scale).reshape(64, 8, 8)
+    exact, size = terms.sum(-1), np.abs(terms).sum(-1)
+    first = got.reshape(64, 8, 4)
+    assert np.all(first[..., 1:] == 0)
+    err = np.abs(first[..., 0] - exact)
+    assert np.all(err <= 6 * 2.0**-8 * size + 1e-30), float(np.max(err / size))
+    assert np.max(err / size) > 0   # the bf16 chain does round
+
+
 # ------------------------------------------------------------------------------------------
 # Compiled (GPU)
 
@@ -171,6 +233,14 @@ def test_ptx_kernels_lower_to_triton(dtype):
                     tile, jax.ShapeDtypeStruct(tile.shape, jnp.float32))
 
 
+def test_pair_dot_kernel_lowers_to_triton():
+    """The kernel of `test_gpu_pair_dot_ptx_matches_model` lowers to verified Triton IR."""
+    lowers_for_h100(_pair_dot_kernel, jax.ShapeDtypeStruct((64, 32), jnp.uint8),
+                    jax.ShapeDtypeStruct((64, 32), jnp.int32), jax.ShapeDtypeStruct((64, 1), jnp.float32),
+                    jax.ShapeDtypeStruct((64, 32), jnp.float32),
+                    jax.ShapeDtypeStruct((byte_lut.N_TABLE_WORDS, 32), jnp.int32))
+
+
 def test_bf16_halves_f32_equals_the_split_halves():
     """The shift/mask float32 view of bf16 pair words equals splitting them and converting, for
     int32 and uint32 words (random patterns, NaN/Inf/subnormal halves included)."""
@@ -183,3 +253,38 @@ def test_bf16_halves_f32_equals_the_split_halves():
             g = np.asarray(jax.lax.bitcast_convert_type(got, jnp.uint32))
             w = np.asarray(jax.lax.bitcast_convert_type(want, jnp.uint16)).astype(np.uint32) << 16
             np.testing.assert_array_equal(g, w)
+
+
+def _pair_dot_kernel(packed, x_words, scale, acc, table, interpret=False):
+    """`pair_dot_accumulate` in a one-program Pallas (Triton) kernel, the table rows loaded as
+    [1, h] tiles (the way `nf4_decode` loads them)."""
+    def kernel(p_ref, x_ref, s_ref, a_ref, t_ref, o_ref):
+        rows = [t_ref[pl.ds(i, 1), :] for i in range(byte_lut.N_TABLE_WORDS)]
+        o_ref[...] = byte_lut.pair_dot_accumulate(p_ref[...], x_ref[...], s_ref[...], a_ref[...], rows,
+                                                  interpret=interpret)
+
+    return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(acc.shape, jnp.float32), grid=(1,),
+                          interpret=interpret,
+                          compiler_params=_common.compiler_params(4, 1))(packed, x_words, scale, acc, table)
+
+
+@pytest.mark.gpu
+def test_gpu_pair_dot_ptx_matches_model():
+    """`pair_dot_accumulate` compiled for real against its model. The GPU rounds each FMA once
+    where the model rounds the float32 sum and then to bf16, so a rare lane may differ by one
+    bf16 step: nearly all sums are equal and every one is within 2^-7 of its terms' size.
+    The element of each 4 that gets the sum is Triton's choice, so groups are compared as sums."""
+    packed, x_words, scale, acc, x = _pair_dot_inputs(5)
+    table = jnp.asarray(byte_lut.table_tile(TABLES["nf4"], jnp.bfloat16, 32))
+    args = [jnp.asarray(a) for a in (packed, x_words, scale, acc)]
+    got = np.asarray(_pair_dot_kernel(*args, table))
+    want = np.asarray(_pair_dot_kernel(*args, table, interpret=True))
+    g, w, a = (v.reshape(64, 8, 4).astype(np.float64) for v in (got, want, acc))
+    # three of each 4 pass acc through unchanged
+    assert np.sum(g == a) >= 3 * 64 * 8
+    gs, ws = g.sum(-1), w.sum(-1)
+    t = np.asarray(TABLES["nf4"], np.float64)
+    wt = np.stack([t[packed >> 4], t[packed & 0xF]], axis=-1).reshape(64, 64)
+    size = np.abs(wt * x * scale).reshape(64, 8, 8).sum(-1) + np.abs(a).sum(-1)
+    assert np.all(np.abs(gs - ws) <= 2.0**-7 * size)
+    assert np.mean(np.abs(gs - ws) <= 1e-6 * size) >= 0.98

@@ -183,6 +183,18 @@ DECODE_CASES = [
     (26, 3, 72, 256, 32, 256, TileConfig(block_n=32, block_k=128, split_k=1, use_dot=False, lut="prmt")),
     # the even/odd float32 path with "prmt32"
     (27, 2, 72, 256, 64, 256, TileConfig(block_n=32, block_k=64, split_k=2, use_dot=False, lut="prmt32")),
+    # the word path with the bf16x2 dot of 4 bytes (pair_fma): ragged N, blocks of 32 and 128
+    (28, 1, 72, 256, 64, 256, TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt",
+                                         pair_fma=True)),
+    (29, 3, 40, 512, 128, None, TileConfig(block_n=16, block_k=256, split_k=1, use_dot=False, lut="prmt",
+                                           pair_fma=True)),
+    (19, 2, 64, 256, 32, 64, TileConfig(block_n=32, block_k=64, split_k=4, use_dot=False, lut="prmt",
+                                        pair_fma=True)),
+    # with the register double buffer: 3 and 2 K steps a program (the last step reloads itself)
+    (18, 1, 72, 768, 64, 256, TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt",
+                                         pair_fma=True, prefetch=True)),
+    (17, 4, 40, 512, 128, None, TileConfig(block_n=16, block_k=128, split_k=2, use_dot=False, lut="prmt",
+                                           pair_fma=True, prefetch=True)),
 ]
 
 
@@ -255,6 +267,10 @@ LOWERING_CASES = [
      TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt")),
     ("decode", 1, 200, 512, 64, 256, jnp.bfloat16,
      TileConfig(block_n=64, block_k=128, split_k=2, use_dot=False, lut="prmt32")),
+    ("decode", 2, 200, 512, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=64, block_k=256, split_k=2, use_dot=False, lut="prmt", pair_fma=True)),
+    ("decode", 1, 200, 1024, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=64, block_k=256, split_k=2, use_dot=False, lut="prmt", pair_fma=True, prefetch=True)),
     ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="tree")),
 ]
 
