@@ -266,8 +266,8 @@ def _pair_word_ops(ops: list, outs: Sequence[str], L: Sequence[int | str], H: Se
             ("prmt", outs[2], plb, phb, 0x4051), ("prmt", outs[3], plb, phb, 0x6273)]
 
 
-# Inputs of `pair_dot_program` after the packed word, each one register a byte (4 in a row).
-_DOT_X, _DOT_SCALE, _DOT_ACC, _DOT_TABLE = 1, 5, 9, 13
+# Inputs of `pair_dot_program`: the packed word, 4 x words, scale, sum, then the table words.
+_DOT_X, _DOT_SCALE, _DOT_ACC, _DOT_TABLE = 1, 5, 6, 7
 N_TABLE_WORDS = 9   # the low and high byte planes (4 words each) and 0x01010101
 
 
@@ -278,40 +278,39 @@ def table_words(values: Sequence[float], dtype: Any) -> np.ndarray:
     return np.array([*L, *H, _ONES], np.uint32).view(np.int32)
 
 
-def table_tile(values: Sequence[float], dtype: Any, h: int) -> np.ndarray:
-    """int32 ``[N_TABLE_WORDS, h]``: `table_words` repeated along ``h``, for a kernel to load as
-    one ``[1, h]`` tile a word (each thread then reads its own copy; see `pair_dot_accumulate`)."""
-    return np.repeat(table_words(values, dtype)[:, None], h, axis=1)
+def table_tile(values: Sequence[float], dtype: Any, q: int) -> np.ndarray:
+    """int32 ``[N_TABLE_WORDS, q]``: `table_words` repeated along ``q``, for a kernel to load as
+    one ``[1, q]`` tile a word (each thread then reads its own copy; see `pair_dot_accumulate`)."""
+    return np.repeat(table_words(values, dtype)[:, None], q, axis=1)
 
 
 @functools.lru_cache(maxsize=64)
 def pair_dot_program(dtype_name: str) -> Program:
-    """The dot of 4 packed bytes (8 weights) with their 8 activations, added to a float32 sum.
+    """The dot of one word of 4 packed bytes (8 weights) with their 8 activations, added to a
+    float32 sum (one element a word: ``elementwise_inline_asm`` with ``pack=1``).
 
-    Inputs (one register a byte, 4 a row, as ``elementwise_inline_asm`` packs them): ``in0``
-    the word of 4 packed bytes; ``in1..4`` x words (the ``dtype`` pair of x a byte lines up
-    with); ``in5..8`` the float32 block scale (all 4 equal: the bytes share a block);
-    ``in9..12`` the float32 sums; ``in13 + 4i`` table register ``i`` (`table_words`).
-    Outputs: ``out0 = in9 + scale * (sum of the 8 products)``, ``out1..3 = in10..12``.
+    Inputs: ``in0`` the word of 4 packed bytes (byte ``j`` at bits ``8j..8j+7``); ``in1..4``
+    the x words of bytes 0..3 (each the ``dtype`` pair of x its byte's two weights multiply);
+    ``in5`` the float32 block scale (the 4 bytes share a block); ``in6`` the float32 sum;
+    ``in7..15`` the table words (`table_words`). Output: ``out0 = in6 + in5 * (sum of the 8
+    products)``.
 
     The 8 products are summed as 2 ``dtype`` lanes (even and odd weights) in one multiply and
     three packed FMAs; the two lanes then go to float32 exactly. The table comes in registers
     rather than as immediates: given immediates, ptxas keeps them in uniform registers and
     copies each one back before every permute that reads it (a quarter of the instructions
     of the float32 word path, counted in its SASS)."""
-    t = [f"in{_DOT_TABLE + 4 * i}" for i in range(N_TABLE_WORDS)]
+    if dtype_name != "bfloat16":
+        raise ValueError(f"pair_dot_program supports bfloat16 pairs, got {dtype_name}")
+    t = [f"in{_DOT_TABLE + i}" for i in range(N_TABLE_WORDS)]
     ops: list = []
     _pair_word_ops(ops, [f"v{j}" for j in range(4)], t[0:4], t[4:8], t[8])
     ops += [("mul2", "p", "v0", f"in{_DOT_X}")]
     ops += [("fma2", "p", f"v{j}", f"in{_DOT_X + j}", "p") for j in (1, 2, 3)]
-    if dtype_name == "bfloat16":   # a bf16 is the top half of its float32
-        ops += [("shl", "pe", "p", 16), ("and", "po", "p", 0xFFFF0000)]
-    else:
-        raise ValueError(f"pair_dot_program supports bfloat16 pairs, got {dtype_name}")
+    ops += [("shl", "pe", "p", 16), ("and", "po", "p", 0xFFFF0000)]   # a bf16 is the top half of its float32
     ops += [("fma", "a", "pe", f"in{_DOT_SCALE}", f"in{_DOT_ACC}"),
             ("fma", "out0", "po", f"in{_DOT_SCALE}", "a")]
-    ops += [("mov", f"out{j}", f"in{_DOT_ACC + j}") for j in (1, 2, 3)]
-    return Program(tuple(ops), _DOT_TABLE + 4 * N_TABLE_WORDS, 4, dtype_name)
+    return Program(tuple(ops), _DOT_TABLE + N_TABLE_WORDS, 1, dtype_name)
 
 
 @functools.lru_cache(maxsize=64)
@@ -403,30 +402,40 @@ def decode_pair_words(packed: jax.Array, values: Sequence[float], dtype: Any,
     return _run(prog, packed, per_byte, interpret)
 
 
-def pair_dot_accumulate(packed: jax.Array, x_words: jax.Array, scale: jax.Array, acc: jax.Array,
+def pair_dot_accumulate(words: jax.Array, x_words: Sequence[jax.Array], scale: jax.Array, acc: jax.Array,
                         table: Sequence[jax.Array], *, interpret: bool) -> jax.Array:
-    """float32 ``[r, h]``: ``acc`` plus, in one element of every 4, ``scale`` times the dot of
-    those 4 bytes' weights (``table`` values of their nibbles) with their x pairs; the other
-    three elements of ``acc`` pass through. `pair_dot_program` on each 4 bytes.
+    """float32 ``[r, q]``: ``acc + scale * dot`` for each word of packed weights, the dot of its
+    4 bytes' 8 weights (bf16 ``table`` values of their nibbles) with their x pairs;
+    `pair_dot_program` on each word.
 
     Args:
-      packed: uint8 ``[r, h]`` packed bytes (``h % 4 == 0``; each 4 bytes in one block).
-      x_words: int32 ``[1, h]`` or ``[r, h]``: the bf16 pair of activations of each byte.
-      scale: float32 ``[r, 1]`` or ``[r, h]``, the block scale of each byte.
-      acc: float32 ``[r, h]`` running sums.
+      words: int32 ``[r, q]``, 4 packed bytes a word (each word within one block).
+      x_words: 4 int32 arrays ``[1, q]`` or ``[r, q]``: ``x_words[j]`` holds the bf16 pair of
+        activations of byte ``j`` of each word.
+      scale: float32 ``[r, 1]`` or ``[r, q]``, the block scale of each word.
+      acc: float32 ``[r, q]`` running sums.
       table: the `N_TABLE_WORDS` words of `table_words` (bf16 values), each a scalar or an
-        int32 array broadcastable to ``[r, h]``. In a kernel, load them as ``[1, h]`` tiles
+        int32 array broadcastable to ``[r, q]``. In a kernel, load them as ``[1, q]`` tiles
         (`table_tile`): a scalar is the same for every thread, and ptxas then keeps it in a
         uniform register and copies it back before each permute that reads it.
     """
-    _check_tile(packed, jnp.bfloat16)
-    shape = packed.shape
+    if words.dtype != jnp.int32 or words.ndim != 2:
+        raise ValueError(f"words must be an int32 [rows, q] tile, got {words.dtype} {words.shape}")
+    if len(x_words) != 4 or len(table) != N_TABLE_WORDS:
+        raise ValueError(f"need 4 x word tiles and {N_TABLE_WORDS} table words, got {len(x_words)}, {len(table)}")
+    shape = words.shape
     as_words = lambda a: jnp.broadcast_to(jax.lax.bitcast_convert_type(a, jnp.int32), shape)  # noqa: E731
-    per_byte = [as_words(x_words), as_words(scale.astype(jnp.float32)), as_words(acc)]
-    if len(table) != N_TABLE_WORDS:
-        raise ValueError(f"table must hold {N_TABLE_WORDS} words, got {len(table)}")
-    per_byte += [jnp.broadcast_to(t, shape) for t in table]
-    out = _run(pair_dot_program("bfloat16"), packed, per_byte, interpret)
+    args = [words, *(as_words(x) for x in x_words), as_words(scale.astype(jnp.float32)), as_words(acc)]
+    args += [jnp.broadcast_to(t, shape) for t in table]
+    prog = pair_dot_program("bfloat16")
+    if interpret:
+        (out,) = run_program(prog, [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args])
+    else:
+        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+        (out,) = pltriton.elementwise_inline_asm(
+            prog.ptx(), args=args, constraints=",".join(["=r"] + ["r"] * prog.n_in), pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
     return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 

@@ -22,18 +22,20 @@ becomes float32 by one shift or mask, with one accumulator per row of x. There i
 nothing goes through shared memory (Nsight Compute had put the dot path's limit in the L1/shared
 pipe, not DRAM).
 
-With ``pair_fma`` (bf16 x) the word path instead sums each 4 bytes' 8 products as two bf16
-lanes in packed FMAs inside the lookup's inline PTX (`byte_lut.pair_dot_program`), then adds
-them to float32 sums: ~10.8 SASS instructions a packed byte instead of ~18, at ~1e-3 more
-relative error (bf16 rounding of 4-term partial sums). With ``prefetch`` the K loop carries the
-next step's tiles in registers, so their loads go out before this step's arithmetic.
+With ``pair_fma`` (bf16 x) the word path instead reads the packed weight as int32 words of 4
+bytes and sums each word's 8 products as two bf16 lanes in packed FMAs inside the lookup's
+inline PTX (`byte_lut.pair_dot_program`), then adds them to a float32 sum: ~11 SASS
+instructions a packed byte instead of ~18, at ~1e-3 more relative error (bf16 rounding of
+4-term partial sums). With ``prefetch`` the K loop carries the next step's weight tiles in
+registers, so their loads go out before this step's arithmetic. (Carried as uint8 tiles, they
+had been unpacked to a byte a register and re-packed for the PTX: 255 registers; as words, 96.)
 
 Measured (H200, jax 0.11.2, NF4 + double quant, device-side, 2026-12-02, the tuning table's
 configs, bitsandbytes 0.50 in the same run; `benchmarks/README.md`): at M=1 the word path with
-``pair_fma`` and ``prefetch`` (32 rows, 256-wide K steps, 4 K splits, 2 warps) takes 0.0199 ms =
-0.77x XLA cuBLAS bf16 at K=4096 N=11008 (1.17 TB/s of packed weight; bitsandbytes 1.01x) and
-1.07x at K=N=4096 (bitsandbytes 1.26x). At M=4 and M=16 the dot config (128 rows, 64-wide steps,
-16 splits, 4 warps) takes 1.01-1.31x (bitsandbytes 2.8-4.0x). Plain XLA dequantize->dot takes
+``pair_fma`` and ``prefetch`` (32 rows, 256-wide K steps, 8 K splits, 2 warps) takes 0.0186 ms =
+0.70x XLA cuBLAS bf16 at K=4096 N=11008 (1.25 TB/s of packed weight; bitsandbytes 0.97x) and
+1.04x at K=N=4096 (bitsandbytes 1.24x). At M=4 and M=16 the dot config (128 rows, 64-wide steps,
+16 splits, 4 warps) takes 1.01-1.29x (bitsandbytes 2.75-3.83x). Plain XLA dequantize->dot takes
 8-9x. The target, 0.40x bf16 at M=1, is not reached. Halving the program's instructions (1136
 -> 688 a thread, offline count with `benchmarks/dump_ttir.py`) gained ~4% alone, so the issue
 rate is not the bound; latency and overlap are (short programs, a separate split-K sum).
@@ -117,43 +119,52 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         acc = jax.lax.fori_loop(lo, hi, body, jnp.zeros((bn, mp), jnp.float32))
         accs = [acc.T]  # [mp, bn]
     elif pair_fma:
-        # As the word path below, but each 4 bytes' 8 products are summed in bf16x2 FMAs inside
-        # one inline-asm block (`byte_lut.pair_dot_program`). The table words are loaded once,
-        # as [1, h] tiles, so that they live in ordinary registers. With ``cfg.prefetch`` the
-        # loop carries the next step's tiles (a register double buffer): their loads are issued
-        # before this step's arithmetic, which then hides their latency.
-        h = sb // 2
+        # As the word path below, but the packed weight comes in as int32 words of 4 bytes and
+        # each word's 8 products are summed in bf16x2 FMAs inside one inline-asm block
+        # (`byte_lut.pair_dot_program`); x word j of each weight word is a stride-4 tile. The
+        # table words are loaded once, as [1, q] tiles, so that they live in ordinary
+        # registers. With ``cfg.prefetch`` the loop carries the next step's weight tiles (a
+        # register double buffer) so that their loads go out before this step's arithmetic; x
+        # is small and cache-resident, and is loaded where it is used.
+        q = sb // 8
         table_ref = w_refs[n_in]
         table = [table_ref[pl.ds(i, 1), :] for i in range(byte_lut.N_TABLE_WORDS)]
+
+        def word_offsets(step, j):
+            """(x word = packed byte, packed word, block column) of sub-step j of ``step``."""
+            _, kbyte, kblock = offsets(step, j)
+            return kbyte, step * (bk // 8) + j * (sb // 8), kblock
 
         def load_step(step):
             tiles = []
             for j in range(bk // sb):
-                _, kword, kblock = offsets(step, j)   # a weight byte lines up with an x word
-                wp, scales = packed_tile(kword, kblock)
-                xs = tuple(x_ref[pl.ds(row0 + r, 1), pl.ds(kword, h)] for r in range(m))
-                tiles.append((wp, scales, xs))
+                _, kw, kblock = word_offsets(step, j)
+                ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kw, q)]
+                wt = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
+                tiles.append((wt, _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)))
             return tuple(tiles)
 
-        def add_step(tiles, accs):
+        def add_step(step, tiles, accs):
             accs = list(accs)
-            for wp, scales, xs in tiles:
+            for j, (wt, scales) in enumerate(tiles):
+                kx, _, _ = word_offsets(step, j)
                 for r in range(m):
-                    accs[r] = byte_lut.pair_dot_accumulate(wp, xs[r], scales[:, None], accs[r], table,
+                    xs = [x_ref[pl.ds(row0 + r, 1), pl.ds(kx + b, q, stride=4)] for b in range(4)]
+                    accs[r] = byte_lut.pair_dot_accumulate(wt, xs, scales[:, None], accs[r], table,
                                                            interpret=interpret)
             return tuple(accs)
 
-        acc0 = tuple(jnp.zeros((bn, h), jnp.float32) for _ in range(m))
+        acc0 = tuple(jnp.zeros((bn, q), jnp.float32) for _ in range(m))
         if cfg.prefetch:
             def body(step, carry):
                 accs, tiles = carry
                 # the last step reloads itself (in bounds; an L2 hit) rather than branching
                 nxt = load_step(jnp.minimum(step + 1, hi - 1))
-                return add_step(tiles, accs), nxt
+                return add_step(step, tiles, accs), nxt
 
             acc2, _ = jax.lax.fori_loop(lo, hi, body, (acc0, load_step(lo)))
         else:
-            acc2 = jax.lax.fori_loop(lo, hi, lambda step, accs: add_step(load_step(step), accs), acc0)
+            acc2 = jax.lax.fori_loop(lo, hi, lambda step, accs: add_step(step, load_step(step), accs), acc0)
         accs = [jnp.sum(a, axis=1) for a in acc2]
     elif x_words:
         # Word for word: byte j of a weight row decodes (byte permutes) to the bf16 pair of
@@ -263,8 +274,14 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
     x_words = uses_x_words(config, x.dtype)
     pair_fma = uses_pair_fma(config, x.dtype)
     if pair_fma:
-        h = min(config.block_k, spec.block_size) // 2
-        ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, h))]
+        # the packed weight as int32 words of 4 bytes (a bitcast of the same bytes), and the
+        # table words the kernel loads once
+        sb = min(config.block_k, spec.block_size)
+        if sb % 8:
+            raise ValueError(f"pair_fma needs K sub-steps of >= 8 weights, got {sb}")
+        rows = ins[0].shape[0]
+        ins[0] = jax.lax.bitcast_convert_type(ins[0].reshape(rows, spec.k // 8, 4), jnp.int32)
+        ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, sb // 8))]
     x_in = x
     if x_words:   # int32 [M, k/2] view of the bf16 pairs (a bitcast; no copy when K' == k)
         x_in = jax.lax.bitcast_convert_type(x[:, : spec.k].reshape(m, spec.k // 2, 2), jnp.int32)

@@ -96,9 +96,14 @@ _INF = 1 << 62
 #   1.03x / 1.19x). Two runs of the same config differ by up to ~15% at these ~20 us times. M=4:
 #   the dot with 64-wide steps and 16 splits, 1.00-1.02x (the word path with pair_fma 1.18x at
 #   best; with the double buffer it spills and takes ~1 ms).
+# - Same session, round 7 (`benchmarks/gpu/run20.sh`): the pair dot reads the packed weight as
+#   int32 words (the double-buffered uint8 tiles had been unpacked a byte a register: 255
+#   registers, now 96). Best mean at M=1: 32 rows, 256-wide steps, 8 splits, 2 warps, prefetch:
+#   0.70x / 0.91x / 1.06x bf16 (K=4096 N=11008 / K=11008 N=4096 / K=N=4096); the round-6 row
+#   (4 splits) measured 0.77x / 1.17x / 1.21x in the same run.
 _HOPPER = {
     "decode": (
-        Entry(1, TileConfig(block_n=32, block_k=256, split_k=4, num_warps=2, num_stages=1, lut="prmt",
+        Entry(1, TileConfig(block_n=32, block_k=256, split_k=8, num_warps=2, num_stages=1, lut="prmt",
                             use_dot=False, pair_fma=True, prefetch=True), True),
         Entry(4, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                             use_dot=True), True),
