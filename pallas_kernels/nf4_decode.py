@@ -93,9 +93,10 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         """(column, byte, block column) of sub-step j of K step ``step``."""
         return _common.k_offsets(step, bk, j * sb, spec.block_size)
 
-    def packed_tile(kbyte, kblock):
-        """(packed uint8 [bn, sb/2], float32 scales [bn]) of the sub-step at these offsets."""
-        ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kbyte, sb // 2)]
+    def packed_tile(kbyte, kblock, width=sb // 2):
+        """(packed tile [bn, width], float32 scales [bn]) of the sub-step at these offsets: uint8
+        bytes, or int32 words of 4 bytes on the pair_fma path (``kbyte``, ``width`` in words)."""
+        ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kbyte, width)]
         wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
         return wp, _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)
 
@@ -139,9 +140,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             tiles = []
             for j in range(bk // sb):
                 _, kw, kblock = word_offsets(step, j)
-                ws = codes_ref.at[pl.ds(n0, bn), pl.ds(kw, q)]
-                wt = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
-                tiles.append((wt, _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)))
+                tiles.append(packed_tile(kw, kblock, q))
             return tuple(tiles)
 
         def add_step(step, tiles, accs):
