@@ -4,6 +4,8 @@
         --section SchedulerStats --section WarpStateStats -k regex:'quantize|nf4_' \
         python benchmarks/ncu_probe.py
 
+``--decode-configs table block_n=16,split_k=1,prefetch=3 ...`` runs only the decode kernel at
+M=1 (K=4096, N=11008) with the tuning table's config and each set of overrides, twice each.
 ``--quantize-configs ENC:ROWS:WARPS ...`` runs only the first-level quantize kernel in each of
 those configurations (encoder, blocks a program, warps), twice each.
 ``--pipeline`` runs only ``qlora_jax.quantize(x, "nf4", double_quant=True, backend="pallas")`` on
@@ -49,6 +51,25 @@ def main() -> None:
             for _ in range(2):
                 jax.block_until_ready(f(x))
             print(f"ran quantize {spec}", flush=True)
+        return
+    if "--decode-configs" in sys.argv[1:]:
+        # decode at M=1, K=4096 N=11008, the tuning table's config with "key=val,key=val"
+        # overrides after the flag (one launch worth profiling each; "table" for none)
+        k, n = 4096, 11008
+        w = (0.02 * jax.random.normal(jax.random.key(1), (k, n), jnp.float32)).astype(jnp.bfloat16)
+        q = qj.quantize_linear_kernel(w, format="nf4", block_size=64, double_quant=True, dq_block_size=256)
+        lay = dict(n=n, k=k, block_size=64, dq_block_size=256, code_table=qj.get_format("nf4").values)
+        x1 = jax.random.normal(jax.random.key(2), (1, k), jnp.bfloat16)
+        base = tuning.get_config("decode", 1, n, k, 64)
+        for item in sys.argv[sys.argv.index("--decode-configs") + 1:]:
+            cfg = base
+            for kv in item.split(",") if item != "table" else []:
+                key, val = kv.split("=")
+                cfg = cfg.replace(**{key: val if key == "lut" else int(val)})
+            f = jax.jit(lambda a, *w, cfg=cfg: pk.matmul_nt(a, *w, **lay, config=cfg))
+            for _ in range(2):
+                jax.block_until_ready(f(x1, q.codes, q.absmax, q.absmax_scale, q.absmax_offset))
+            print(f"ran decode {item}", flush=True)
         return
     if "--pipeline" in sys.argv[1:]:
         for _ in range(2):

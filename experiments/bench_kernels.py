@@ -78,11 +78,13 @@ def device_time(fn, x, weights, min_total_s: float = 0.05, loop_step_s: float = 
     calls = list(weights) * max(1, math.ceil(min_calls / len(weights)))
 
     def run(x, weights, n):
+        # the weights pass the barrier too, so that nothing computed from them alone (a
+        # decoded weight, say) can be hoisted out of the loop
         def body(_, carry):
-            xc, s = jax.lax.optimization_barrier(carry)
-            outs = [fn(xc, *w) for w in weights]
-            return xc, s + sum(o[0, 0].astype(jnp.float32) for o in outs)
-        return jax.lax.fori_loop(0, n, body, (x, jnp.float32(0)))[1]
+            xc, ws, s = jax.lax.optimization_barrier(carry)
+            outs = [fn(xc, *w) for w in ws]
+            return xc, ws, s + sum(o[0, 0].astype(jnp.float32) for o in outs)
+        return jax.lax.fori_loop(0, n, body, (x, weights, jnp.float32(0)))[2]
 
     f = jax.jit(run)
     f(x, calls, 1).block_until_ready()
@@ -180,6 +182,20 @@ def jax_ops(k: int, n: int, config_fwd=None, config_dx=None):
         return jax.lax.dot_general(dy, qj.dequantize(q, dy.dtype), (((1,), (0,)), ((), ())),
                                    preferred_element_type=jnp.float32).astype(dy.dtype)
 
+    spec = pk.make_spec(n, k, BLOCK_SIZE, DQ_BLOCK_SIZE, qj.get_format("nf4").values)
+
+    def decode_only(x, q):   # the first half of a dequant_first call, with its decoder
+        cfg = config_fwd or pk.get_config("forward", x.shape[0], n, k, BLOCK_SIZE)
+        arrays = (q.codes, q.absmax, q.absmax_scale, q.absmax_offset)
+        if cfg.decode_kn:
+            return pk.dequant_first.decoded_weight_kn(*arrays, spec=spec, dtype=x.dtype, config=cfg,
+                                                      interpret=INTERPRET)
+        return pk.dequant_first.decoded_weight(*arrays, spec=spec, dtype=x.dtype, interpret=INTERPRET)
+
+    def bf16_nt(x, w_nk):    # its second half: the dot on the [N, K] weight
+        return jax.lax.dot_general(x, w_nk, (((1,), (1,)), ((), ())),
+                                   preferred_element_type=jnp.float32).astype(x.dtype)
+
     def pallas(x, q):
         return pk.matmul_nt(x, q.codes, q.absmax, q.absmax_scale, q.absmax_offset, **layout,
                             config=config_fwd, interpret=INTERPRET)
@@ -189,7 +205,7 @@ def jax_ops(k: int, n: int, config_fwd=None, config_dx=None):
                             config=config_dx, interpret=INTERPRET)
 
     return dict(bf16=bf16, bf16_dx=bf16_dx, xla_nf4=xla_nf4, xla_nf4_dx=xla_nf4_dx,
-                pallas=pallas, pallas_dx=pallas_dx)
+                pallas=pallas, pallas_dx=pallas_dx, decode_only=decode_only, bf16_nt=bf16_nt)
 
 
 def _err(e: BaseException) -> str:
@@ -211,7 +227,7 @@ def bench_shape(k: int, n: int, ms: list[int], check: bool, loop_step_s: float,
     import jax.numpy as jnp
     import numpy as np
 
-    from pallas_kernels.tuning import DECODE_MAX_M
+    from pallas_kernels.tuning import DECODE_MAX_M, get_config
 
     w_kn, q = make_weight(k, n)
     nf4_bytes = q.nbytes
@@ -245,6 +261,12 @@ def bench_shape(k: int, n: int, ms: list[int], check: bool, loop_step_s: float,
         if m >= DX_MIN_M:
             plan += [("bf16_dx", dy, w_kn, 2 * n * k), ("xla_nf4_dx", dy, q, nf4_bytes),
                      ("pallas_dx", dy, q, nf4_bytes)]
+            cfg = cfg_nt or get_config("forward", m, n, k, BLOCK_SIZE)
+            if cfg.dequant_first:
+                # the parts of a dequant_first call: the decode alone, and the dot on [N, K] alone
+                # (with decode_kn the dot is the bf16 row's)
+                plan += [("decode_only", x, q, nf4_bytes)]
+                plan += [] if cfg.decode_kn else [("bf16_nt", x, jnp.asarray(w_kn.T), 2 * n * k)]
         for name, a, weight, wbytes in plan:
             try:
                 r = _rotations(wbytes, m)
@@ -280,6 +302,18 @@ def sweep_candidates(op: str, m: int) -> list:
     the earlier best "tree" configuration of each op as the baseline beside them."""
     from pallas_kernels.tuning import TileConfig as C
 
+    if op == "decode" and m == 1:
+        # Round 8 (2026-12-02, fourth session): the pair-dot word path with a deeper register
+        # pipeline (``prefetch`` = K steps carried ahead) and fewer K splits (none: no second
+        # kernel for the split sum), beside round 7's best (32 rows, 8 splits, one step ahead)
+        # and the dot. block_n x 8 words / (32 x warps) is the words a thread loads per block.
+        grid = [(32, 256, 8, 2, 1), (32, 256, 8, 2, 2), (32, 256, 4, 2, 2), (32, 256, 4, 2, 3),
+                (32, 256, 2, 2, 3), (32, 256, 1, 2, 4), (16, 256, 2, 1, 3), (16, 256, 4, 1, 2),
+                (16, 256, 1, 1, 4), (8, 256, 1, 2, 4), (16, 256, 2, 2, 3), (64, 256, 4, 4, 2),
+                (64, 256, 2, 4, 3), (32, 128, 8, 2, 3), (32, 512, 4, 2, 2)]
+        cands = [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=1, lut="prmt", use_dot=False,
+                   pair_fma=True, prefetch=pf) for bn, bk, sk, nw, pf in grid]
+        return cands + [C(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt")]
     if op == "decode":
         # block_n, block_k, split_k, warps, stages, use_dot, pair_fma. Round 6 (2026-12-02,
         # third session): the word path with the bf16x2 dot of 4 bytes (`byte_lut.pair_dot_program`)
@@ -297,29 +331,41 @@ def sweep_candidates(op: str, m: int) -> list:
                    pair_fma=pf) for bn, bk, sk, nw, ns, dot, pf in grid]
         if m <= 4:   # the register double buffer needs several K steps a program
             cands += [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=1, lut="prmt", use_dot=False,
-                        pair_fma=True, prefetch=True)
+                        pair_fma=True, prefetch=1)
                       for bn, bk, sk, nw in [(64, 256, 4, 4), (64, 256, 8, 4), (32, 256, 4, 2), (64, 128, 8, 4),
                                              (128, 256, 4, 8), (32, 256, 8, 2)]]
         return cands
-    if op == "forward":
-        # round 2 (vector loads): the shared memory of 3-4 stages must fit in 227 KB
-        return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
-                for bm, bn, bk, nw, ns, lut in [
-                    (256, 128, 64, 8, 3, "prmt"), (128, 256, 64, 8, 3, "prmt"), (128, 128, 64, 4, 3, "prmt"),
-                    (128, 128, 64, 8, 4, "prmt"), (256, 128, 64, 8, 2, "prmt"), (64, 256, 64, 4, 4, "prmt"),
-                    (128, 128, 128, 8, 3, "prmt"), (128, 256, 64, 8, 4, "prmt")]]
-    if op == "input_grad":
-        return [C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut=lut)
-                for bm, bn, bk, nw, ns, lut in [
-                    (256, 128, 128, 8, 3, "prmt"), (128, 128, 128, 8, 3, "prmt"), (256, 128, 64, 8, 3, "prmt"),
-                    (128, 64, 128, 4, 4, "prmt"), (256, 64, 128, 8, 3, "prmt"), (128, 128, 64, 4, 4, "prmt"),
-                    (256, 128, 128, 8, 2, "prmt")]]
+    if op in ("forward", "input_grad") and m >= 2048:
+        # Round 4 (2026-12-03): ``dequant_first`` with the [K, N] tile decoder (``decode_kn``:
+        # the products of a bf16 model, x·W and dy·Wᵀ) over decoder tiles (block_n, block_k,
+        # warps), beside the [N, K] dequantize kernel of round 3's winner
+        base = C(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3, lut="prmt",
+                 dequant_first=True)
+        return [base] + [base.replace(block_n=bn, block_k=bk, num_warps=nw, decode_kn=True)
+                         for bn, bk, nw in [(128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8)]]
+    if op in ("forward", "input_grad"):
+        # Round 3 (2026-12-03): ``swap_ab`` (the decoded tile as wgmma's register operand; the
+        # tiles below compile without spills for sm_90, checked offline with Triton 3.6), the
+        # round-2 table row as the baseline, and ``dequant_first`` (dequantize kernel, then
+        # cuBLAS). Earlier rounds are in the tuning table's comments.
+        if op == "forward":   # block_m x rows, block_n weight rows, block_k the K step
+            grid = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3),
+                    (64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
+            base = C(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3, lut="prmt")
+        else:                 # block_m dy rows, block_n the N step, block_k output columns
+            grid = [(128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (256, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                    (128, 128, 128, 8, 3), (256, 64, 64, 8, 4)]
+            base = C(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3, lut="prmt")
+        return [base, base.replace(dequant_first=True)] + [
+            C(block_m=bm, block_n=bn, block_k=bk, group_m=8, num_warps=nw, num_stages=ns, lut="prmt", swap_ab=True)
+            for bm, bn, bk, nw, ns in grid]
     raise ValueError(op)
 
 
 SWEEP_CASES = [("decode", 4096, 11008, 1), ("decode", 11008, 4096, 1), ("decode", 4096, 4096, 1),
                ("decode", 4096, 11008, 4), ("decode", 4096, 11008, 16),
-               ("forward", 4096, 11008, 4096), ("input_grad", 4096, 11008, 4096)]
+               ("forward", 4096, 11008, 4096), ("input_grad", 4096, 11008, 4096),
+               ("forward", 4096, 4096, 4096), ("input_grad", 4096, 4096, 4096)]
 SWEEP_OPS = ("decode", "forward", "input_grad")
 
 
@@ -398,7 +444,9 @@ def _override(overrides: dict | None, op: str, m: int):
 
 def _cfg_str(c) -> str:
     return (f"bm{c.block_m} bn{c.block_n} bk{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages} "
-            f"{c.lut}{' dot' if c.use_dot else ''}{' pair_fma' if c.pair_fma else ''}{' prefetch' if c.prefetch else ''}")
+            f"{c.lut}{' dot' if c.use_dot else ''}{' pair_fma' if c.pair_fma else ''}"
+            f"{f' prefetch{int(c.prefetch)}' if c.prefetch else ''}{' swap_ab' if c.swap_ab else ''}"
+            f"{' dequant_first' if c.dequant_first else ''}{' decode_kn' if c.decode_kn else ''}")
 
 
 # ------------------------------------------------------------------------------------------
@@ -520,6 +568,8 @@ def _fmt_row(r: dict) -> str:
         s += (f" {_f(r.get('pallas_tflop_s'), '.0f')} TF/s | dx bf16 {_f(r.get('bf16_dx_ms'))} "
               f"xla {_f(r.get('xla_nf4_dx_ms'))} ({_f(r.get('xla_nf4_dx_vs_bf16'), '.2f')}x) "
               f"pallas {_f(r.get('pallas_dx_ms'))} ({_f(r.get('pallas_dx_vs_bf16'), '.2f')}x)")
+    if "decode_only_ms" in r:
+        s += f" | parts: decode {_f(r['decode_only_ms'])} + nt dot {_f(r.get('bf16_nt_ms'))}"
     if "bnb_ms" in r:
         s += f" | bnb {_f(r['bnb_ms'])} ({_f(r.get('bnb_vs_bf16'), '.2f')}x)"
     errs = [key for key in r if key.endswith("error")]

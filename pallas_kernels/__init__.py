@@ -9,18 +9,24 @@ consecutive elements along ``k``; with double quantization the scales are uint8 
 Entry points:
 
 - `supported` — whether a kernel serves this op/shape/platform and was measured faster than
-  plain XLA there (else use XLA; on an H100/H200 that is decode, M <= 16, only);
+  plain XLA there (else use XLA; on an H100/H200: the decode kernel for M <= 16 and the
+  ``dequant_first`` path above);
 - `matmul_nt` — ``y = x · deq(W)ᵀ`` (forward; the decode kernel for M <= 16);
 - `matmul_nn` — ``dx = dy · deq(W)`` (input gradient).
+
+Above the decode sizes a tuning-table row may say ``dequant_first``: then `matmul_nt` and
+`matmul_nn` decode the weight with a Pallas kernel and leave the product to XLA's dot
+(cuBLAS), `pallas_kernels.dequant_first`; that path holds the decoded weight in device memory
+for the call, which the fused kernels never do.
 
 The same, for a weight object with ``codes, absmax, absmax_scale, absmax_offset, shape, format,
 block_size, dq_block_size`` attributes (a ``qlora_jax.QuantizedArray``, duck-typed: no import):
 `supports`, `dequant_matmul`, `dequant_matmul_t` (the contract ``qlora_jax.ops`` currently calls).
 
 Kernels (one a module, each with a plain-JAX ``*_reference`` beside it): `nf4_matmul`,
-`nf4_matmul_dx`, `nf4_decode`; tile configurations in `tuning`; the 4-bit lookup they share in
-`byte_lut` (byte permutes in inline PTX, with a jnp model of the same operations for interpret
-mode). All use the Triton lowering of
+`nf4_matmul_dx`, `nf4_decode`; `dequant_first` (a decode kernel, then XLA's dot); tile
+configurations in `tuning`; the 4-bit lookup they share in `byte_lut` (byte permutes in inline
+PTX, with a jnp model of the same operations for interpret mode). All use the Triton lowering of
 ``pl.pallas_call`` with explicit compiler params (see `pallas_kernels.nf4_matmul` for why), and
 all run on CPU with ``interpret=True`` for tests.
 """
@@ -29,12 +35,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _common, tuning
+from pallas_kernels import _common, dequant_first, tuning
 from pallas_kernels._common import DYNAMIC_MAP, QuantSpec, dequantize_reference, make_spec
 from pallas_kernels.nf4_decode import nf4_decode, nf4_decode_reference
 from pallas_kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference
@@ -118,11 +125,23 @@ def _pick(config: TileConfig | None, op: str, m: int, n: int, k: int, block_size
     return tuning.fit_block_k(config, k, block_size)
 
 
+def _training_product(a: jax.Array, weight: tuple, spec: QuantSpec, cfg: TileConfig, transposed: bool,
+                      out_dtype: Any, interpret: bool) -> jax.Array:
+    """The product above the decode sizes (``transposed``: the input gradient): the dequant_first
+    path where ``cfg`` asks for it and it can serve ``a``'s dtype, else the fused kernel."""
+    if cfg.dequant_first and dequant_first.servable(spec, a.dtype, cfg):
+        return dequant_first.dequant_first_matmul(a, *weight, spec=spec, transposed=transposed, config=cfg,
+                                                  out_dtype=out_dtype, interpret=interpret)
+    kernel = nf4_matmul_dx if transposed else nf4_matmul
+    return kernel(a, *weight, spec=spec, config=cfg, interpret=interpret)
+
+
 def matmul_nt(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array | None,
               absmax_offset: jax.Array | None, *, n: int, k: int, block_size: int,
               dq_block_size: int | None, code_table: Sequence[float] | np.ndarray,
               absmax_table: Sequence[float] | np.ndarray | None = None,
-              config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
+              config: TileConfig | None = None, out_dtype: Any = None,
+              interpret: bool = False) -> jax.Array:
     """``y[..., n] = x[..., k] · deq(W)ᵀ`` with ``W[n, k]`` packed; forward or decode kernel by M.
 
     Args:
@@ -135,9 +154,12 @@ def matmul_nt(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: j
       code_table: the 16 values of the 4-bit codes (e.g. NF4's), compiled in as constants.
       absmax_table: the 256 values of the 8-bit absmax codes (default: bitsandbytes' dynamic map).
       config: override the tuning table's `TileConfig`.
+      out_dtype: the result's dtype (default: x's). The ``dequant_first`` path hands its float32
+        accumulator over in this dtype directly (float32: no rounding to x's dtype); the fused
+        kernels write x's dtype, which is then cast.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     Returns:
-      y: [..., n], x's dtype.
+      y: [..., n], ``out_dtype``.
     """
     spec = make_spec(n, k, block_size, dq_block_size, code_table, absmax_table)
     _common.check_operands(spec, codes, absmax, absmax_scale, absmax_offset)
@@ -145,29 +167,31 @@ def matmul_nt(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: j
     if x2.shape[1] != k:
         raise ValueError(f"x has {x2.shape[1]} features, expected k={k}")
     m = x2.shape[0]
+    out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     if m == 0:
-        return jnp.zeros((*lead, n), x.dtype)
+        return jnp.zeros((*lead, n), out_dtype)
     if m <= tuning.DECODE_MAX_M:
         cfg = _pick(config, "decode", m, n, k, block_size)
         y = nf4_decode(x2, codes, absmax, absmax_scale, absmax_offset, spec=spec, config=cfg,
                        interpret=interpret)
     else:
         cfg = _pick(config, "forward", m, n, k, block_size)
-        y = nf4_matmul(x2, codes, absmax, absmax_scale, absmax_offset, spec=spec, config=cfg,
-                       interpret=interpret)
-    return y.reshape(*lead, n)
+        y = _training_product(x2, (codes, absmax, absmax_scale, absmax_offset), spec, cfg, False,
+                              out_dtype, interpret)
+    return y.astype(out_dtype).reshape(*lead, n)
 
 
 def matmul_nn(dy: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array | None,
               absmax_offset: jax.Array | None, *, n: int, k: int, block_size: int,
               dq_block_size: int | None, code_table: Sequence[float] | np.ndarray,
               absmax_table: Sequence[float] | np.ndarray | None = None,
-              config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
+              config: TileConfig | None = None, out_dtype: Any = None,
+              interpret: bool = False) -> jax.Array:
     """``dx[..., k] = dy[..., n] · deq(W)`` with ``W[n, k]`` packed (the input gradient of
     `matmul_nt`); arguments as `matmul_nt`, ``dy`` in place of ``x``.
 
     Returns:
-      dx: [..., k], dy's dtype.
+      dx: [..., k], ``out_dtype`` (default: dy's).
     """
     spec = make_spec(n, k, block_size, dq_block_size, code_table, absmax_table)
     _common.check_operands(spec, codes, absmax, absmax_scale, absmax_offset)
@@ -175,12 +199,13 @@ def matmul_nn(dy: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
     if dy2.shape[1] != n:
         raise ValueError(f"dy has {dy2.shape[1]} features, expected n={n}")
     m = dy2.shape[0]
+    out_dtype = jnp.dtype(dy.dtype if out_dtype is None else out_dtype)
     if m == 0:
-        return jnp.zeros((*lead, k), dy.dtype)
+        return jnp.zeros((*lead, k), out_dtype)
     cfg = _pick(config, "input_grad", m, n, k, block_size)
-    dx = nf4_matmul_dx(dy2, codes, absmax, absmax_scale, absmax_offset, spec=spec, config=cfg,
-                       interpret=interpret)
-    return dx.reshape(*lead, k)
+    dx = _training_product(dy2, (codes, absmax, absmax_scale, absmax_offset), spec, cfg, True,
+                           out_dtype, interpret)
+    return dx.astype(out_dtype).reshape(*lead, k)
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,13 +234,17 @@ def supports(m: int, k: int, n: int, w, *, compute_dtype, transposed: bool = Fal
     return supported(op, m, n, k, w.block_size, w.dq_block_size is not None, jax.default_backend())
 
 
-def dequant_matmul(x: jax.Array, w, *, compute_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
-    """``x[M, K] · deq(W)ᵀ -> [M, N]`` in ``compute_dtype`` for a quantized weight object."""
+def dequant_matmul(x: jax.Array, w, *, compute_dtype=jnp.bfloat16, out_dtype=None,
+                   interpret: bool = False) -> jax.Array:
+    """``x[M, K] · deq(W)ᵀ -> [M, N]`` with operands in ``compute_dtype`` for a quantized weight
+    object; result in ``out_dtype`` (default ``compute_dtype``; see `matmul_nt`)."""
     return matmul_nt(x.astype(compute_dtype), w.codes, w.absmax, w.absmax_scale, w.absmax_offset,
-                     **_weight_layout(w), interpret=interpret)
+                     **_weight_layout(w), out_dtype=out_dtype, interpret=interpret)
 
 
-def dequant_matmul_t(dy: jax.Array, w, *, compute_dtype=jnp.bfloat16, interpret: bool = False) -> jax.Array:
-    """``dy[M, N] · deq(W) -> [M, K]`` in ``compute_dtype`` for a quantized weight object."""
+def dequant_matmul_t(dy: jax.Array, w, *, compute_dtype=jnp.bfloat16, out_dtype=None,
+                     interpret: bool = False) -> jax.Array:
+    """``dy[M, N] · deq(W) -> [M, K]`` with operands in ``compute_dtype`` for a quantized weight
+    object; result in ``out_dtype`` (default ``compute_dtype``)."""
     return matmul_nn(dy.astype(compute_dtype), w.codes, w.absmax, w.absmax_scale, w.absmax_offset,
-                     **_weight_layout(w), interpret=interpret)
+                     **_weight_layout(w), out_dtype=out_dtype, interpret=interpret)

@@ -445,11 +445,18 @@ def dequantize_reference(codes: jax.Array, absmax: jax.Array, absmax_scale: jax.
     packed = codes.reshape(-1)[: n * k // 2]
     nib = jnp.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1).astype(jnp.int32)
     vals = jnp.asarray(np.array(spec.code_table, np.float32))[nib]
-    a = absmax.reshape(-1)[: spec.n_blocks]
-    if spec.double_quant:
-        dec = jnp.asarray(np.array(spec.absmax_table, np.float32))[a.astype(jnp.int32)]
-        s = absmax_scale.reshape(-1).astype(jnp.float32)[
-            jnp.arange(spec.n_blocks) // spec.dq_block_size]
-        a = dec * s + absmax_offset.reshape(()).astype(jnp.float32)
+    a = decode_scales(absmax, absmax_scale, absmax_offset, spec)
     w = vals.reshape(spec.n_blocks, spec.block_size) * a[:, None]
     return w.reshape(n, k)
+
+
+def decode_scales(absmax: jax.Array, absmax_scale: jax.Array | None, absmax_offset: jax.Array | None,
+                  spec: QuantSpec) -> jax.Array:
+    """float32 ``[n_blocks]`` first-level block scales, with double quantization undone
+    (``absmax_table[code] * absmax_scale[i // dq_block_size] + absmax_offset``) in plain jnp."""
+    a = absmax.reshape(-1)[: spec.n_blocks]
+    if not spec.double_quant:
+        return a.astype(jnp.float32)
+    dec = jnp.asarray(np.array(spec.absmax_table, np.float32))[a.astype(jnp.int32)]
+    s = absmax_scale.reshape(-1).astype(jnp.float32)[jnp.arange(spec.n_blocks) // spec.dq_block_size]
+    return dec * s + absmax_offset.reshape(()).astype(jnp.float32)

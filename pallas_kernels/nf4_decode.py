@@ -124,9 +124,9 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         # each word's 8 products are summed in bf16x2 FMAs inside one inline-asm block
         # (`byte_lut.pair_dot_program`); x word j of each weight word is a stride-4 tile. The
         # table words are loaded once, as [1, q] tiles, so that they live in ordinary
-        # registers. With ``cfg.prefetch`` the loop carries the next step's weight tiles (a
-        # register double buffer) so that their loads go out before this step's arithmetic; x
-        # is small and cache-resident, and is loaded where it is used.
+        # registers. With ``cfg.prefetch = d`` the loop carries the weight tiles of the next d
+        # steps (a register pipeline) so that their loads are in flight during this step's
+        # arithmetic; x is small and cache-resident, and is loaded where it is used.
         q = sb // 8
         table_ref = w_refs[n_in]
         table = [table_ref[pl.ds(i, 1), :] for i in range(byte_lut.N_TABLE_WORDS)]
@@ -154,14 +154,20 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             return tuple(accs)
 
         acc0 = tuple(jnp.zeros((bn, q), jnp.float32) for _ in range(m))
-        if cfg.prefetch:
-            def body(step, carry):
-                accs, tiles = carry
-                # the last step reloads itself (in bounds; an L2 hit) rather than branching
-                nxt = load_step(jnp.minimum(step + 1, hi - 1))
-                return add_step(step, tiles, accs), nxt
+        depth = int(cfg.prefetch)
+        if depth:
+            # steps past the split's last reload that last step (in bounds; an L2 hit) rather
+            # than branching
+            def ahead(step):
+                return load_step(jnp.minimum(step, hi - 1))
 
-            acc2, _ = jax.lax.fori_loop(lo, hi, body, (acc0, load_step(lo)))
+            def body(step, carry):
+                accs, tiles = carry   # tiles[d] holds step + d
+                nxt = ahead(step + depth)
+                return add_step(step, tiles[0], accs), (*tiles[1:], nxt)
+
+            first = tuple(ahead(lo + d) for d in range(depth))
+            acc2, _ = jax.lax.fori_loop(lo, hi, body, (acc0, first))
         else:
             acc2 = jax.lax.fori_loop(lo, hi, lambda step, accs: add_step(step, load_step(step), accs), acc0)
         accs = [jnp.sum(a, axis=1) for a in acc2]

@@ -21,11 +21,18 @@ Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-02, after the tile lo
 16-byte vectors (`pallas_kernels._common.k_offsets`; they had been single bytes), best of 8
 swept tiles: 128×128×64, 4 warps, 3 stages, "prmt" lookup): 0.94 ms = 1.90x XLA cuBLAS bf16
 (0.494 ms, 393 TFLOP/s); plain XLA dequantize->dot 0.69 ms (1.39x); bitsandbytes 0.53 ms
-(2026-12-01: 1.34 ms = 2.55x with byte loads). So `pallas_kernels.supported` still declines
-this kernel and XLA serves training shapes. Nsight Compute (2026-12-01, byte loads) showed 236
+(2026-12-01: 1.34 ms = 2.55x with byte loads). So the tuning table does not pick this kernel
+for training shapes. Nsight Compute (2026-12-01, byte loads) showed 236
 registers a thread, one 8-warp program an SM and warps stalled at CTA barriers: the decode and
 the MMAs do not overlap. Closing the gap needs warp specialisation (producer warps decoding
 into shared memory while consumer warpgroups run wgmma), which this Triton path cannot express.
+
+``swap_ab`` (2026-12-03) computes ``yᵀ = deq(W) · xᵀ`` so that the decoded tile is wgmma's
+register operand and skips the shared-memory round trip (checked in the compiled TTGIR). It is
+slower at every tile swept (2.4-3.6x bf16 at M=4096 against 1.8-1.9x for the row above; not
+profiled: the decode and the MMA still share warps, so nothing hides one behind the other).
+Training shapes are served by `pallas_kernels.dequant_first` (1.11-1.16x bf16 from M=2048 on
+this H200).
 """
 
 from __future__ import annotations
@@ -65,13 +72,18 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, i
             wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
             scales = _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)
             w = _common.dequant_tile(spec, wp, scales, xt.dtype, cfg.lut, lut_ref, interpret=interpret)
-            acc += jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())),
-                                       preferred_element_type=jnp.float32)
+            if cfg.swap_ab:   # yᵀ tile [bn, bm] = w · xtᵀ: the decoded tile is the register operand
+                acc += jax.lax.dot_general(w, xt, (((1,), (1,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+            else:
+                acc += jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
         return acc
 
-    acc = jax.lax.fori_loop(0, k // bk, body, jnp.zeros((bm, bn), jnp.float32))
+    acc = jax.lax.fori_loop(0, k // bk, body,
+                            jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32))
     out = o_ref.at[pl.ds(m0, bm), pl.ds(n0, bn)]
-    y = acc.astype(o_ref.dtype)
+    y = (acc.T if cfg.swap_ab else acc).astype(o_ref.dtype)
     if mask_m is None and mask_n is None:
         out[...] = y
     else:

@@ -16,9 +16,12 @@ past K are masked on load and store.
 
 Measured (H200, jax 0.11.2, K=4096 N=11008 M=4096, 2026-12-02, 16-byte tile loads, tile
 256×128 with a 64-wide output, 8 warps, "prmt" lookup): 1.16 ms = 2.29x XLA cuBLAS bf16
-(0.506 ms); plain XLA dequantize->dot 0.65 ms (1.29x), so `pallas_kernels.supported` declines
-it (the same overlap limit as the forward kernel). The earlier 256×128×128 tile needs 233 KB of
+(0.506 ms); plain XLA dequantize->dot 0.65 ms (1.29x), so the tuning table does not pick it
+(the same overlap limit as the forward kernel). The earlier 256×128×128 tile needs 233 KB of
 shared memory once its loads are pipelined, over the 227 KB an H100/H200 program may have.
+
+With ``swap_ab`` (``dxᵀ = deq(W)ᵀ · dyᵀ``, 2026-12-03) it is slower still (2.3-4.5x bf16);
+training shapes are served by `pallas_kernels.dequant_first` (1.01-1.30x bf16 from M=2048).
 """
 
 from __future__ import annotations
@@ -77,16 +80,21 @@ def _kernel(dy_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, 
             wp = ws[...] if rows_ok is None else pltriton.load(ws, mask=rows_ok[:, None], other=0)
             scales = _common.load_block_scales(spec, scale_refs, n0, bn, kblock, rows_ok)
             w = _common.dequant_tile(spec, wp, scales, dyt.dtype, cfg.lut, lut_ref, interpret=interpret)
-            new.append(accs[j] + jax.lax.dot_general(dyt, w, (((1,), (0,)), ((), ())),
-                                                     preferred_element_type=jnp.float32))
+            if cfg.swap_ab:   # dxᵀ tile [sb, bm] = wᵀ · dytᵀ: the decoded tile is the left operand
+                part = jax.lax.dot_general(w, dyt, (((0,), (1,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+            else:
+                part = jax.lax.dot_general(dyt, w, (((1,), (0,)), ((), ())),
+                                           preferred_element_type=jnp.float32)
+            new.append(accs[j] + part)
         return tuple(new)
 
-    zeros = tuple(jnp.zeros((bm, sb), jnp.float32) for _ in range(n_sub))
-    accs = jax.lax.fori_loop(0, pl.cdiv(n, bn), body, zeros)
+    shape = (sb, bm) if cfg.swap_ab else (bm, sb)
+    accs = jax.lax.fori_loop(0, pl.cdiv(n, bn), body, tuple(jnp.zeros(shape, jnp.float32) for _ in range(n_sub)))
     for j in range(n_sub):
         kk = k0 + j * sb
         out = o_ref.at[pl.ds(m0, bm), pl.ds(kk, sb)]
-        val = accs[j].astype(o_ref.dtype)
+        val = (accs[j].T if cfg.swap_ab else accs[j]).astype(o_ref.dtype)
         mask = None if mask_m is None else mask_m[:, None]
         if ragged_k:
             mask = _and(mask, jnp.full((1, sb), kk < k))

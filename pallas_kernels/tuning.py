@@ -6,11 +6,20 @@ A `TileConfig` holds every knob; each kernel reads the fields it uses:
   ``block_k``, ``group_m`` row tiles per L2 group.
 - ``nf4_matmul_dx`` (input gradient, ``dx = dy·deq(W)``): output tile ``block_m × block_k``,
   reduction (N) step ``block_n``, ``group_m``.
+- both: ``swap_ab`` (compute the transposed product, ``yᵀ = deq(W)·xᵀ``, so that the decoded
+  weight tile, which lives in registers, is the left operand of the tensor-core dot: Hopper's
+  wgmma takes a register operand only on that side, and otherwise the tile goes through
+  shared memory first), ``dequant_first`` (no fused kernel: decode the whole weight with
+  `pallas_kernels.quantize.dequantize_blocks_pallas`, then XLA's dot, i.e. cuBLAS; the decoded
+  weight exists in device memory for the call, as in bitsandbytes' ``matmul_4bit``), and with
+  it ``decode_kn`` (decode into ``[K, N]`` with tiles ``block_n × block_k`` and ``num_warps``
+  instead; `pallas_kernels.dequant_first`).
 - ``nf4_decode`` (small M): ``block_n`` weight rows a program, K step ``block_k``, ``split_k``
   programs along K (partial sums added by XLA), ``use_dot`` (tensor-core dot on M padded to 16,
   or multiply-and-reduce on the CUDA cores), ``pair_fma`` (on the CUDA-core path with bf16 x:
   sum each 4 bytes' products in packed bf16x2 FMAs before float32; `byte_lut.pair_dot_program`),
-  ``prefetch`` (with ``pair_fma``: load the next K step's tiles before this step's arithmetic).
+  ``prefetch`` (with ``pair_fma``: how many K steps' weight tiles the loop carries ahead of the
+  one it multiplies, 0 for none; ``True`` reads as 1).
 - all: ``num_warps``, ``num_stages`` (Triton), ``lut`` (see `pallas_kernels._common.LUT_MODES`).
 
 `get_config` looks up ``TABLE`` by device family (from ``jax.devices()[0].device_kind``) and op,
@@ -43,7 +52,10 @@ class TileConfig:
     lut: str = "tree"
     use_dot: bool = True
     pair_fma: bool = False
-    prefetch: bool = False
+    prefetch: int = 0
+    swap_ab: bool = False
+    dequant_first: bool = False
+    decode_kn: bool = False
 
     def replace(self, **kwargs) -> "TileConfig":
         return dataclasses.replace(self, **kwargs)
@@ -101,24 +113,43 @@ _INF = 1 << 62
 #   registers, now 96). Best mean at M=1: 32 rows, 256-wide steps, 8 splits, 2 warps, prefetch:
 #   0.70x / 0.91x / 1.06x bf16 (K=4096 N=11008 / K=11008 N=4096 / K=N=4096); the round-6 row
 #   (4 splits) measured 0.77x / 1.17x / 1.21x in the same run.
+# - 2026-12-03, round 8 (`benchmarks/gpu/run21.sh`): decode M=1 with the register pipeline 2-4
+#   steps deep and 1-4 K splits: every deeper config was slower (0.73-1.19x bf16 at K=4096
+#   N=11008) than the table's row (one step ahead, 8 splits: 0.65x in the same run), which stays.
+#   Training, round 3 (run21, M=4096): ``swap_ab`` (the decoded tile as wgmma's register
+#   operand, spill-free tiles) was slower than the round-2 fused row at every tile (forward
+#   2.37-3.58x bf16 against 1.77-1.92x; input gradient 2.34-4.49x against 2.02-2.22x);
+#   ``dequant_first`` took 1.08-1.23x (forward) and 1.09-1.11x (input gradient). In the table
+#   run (run22, with plain XLA and bitsandbytes) dequant_first beats plain XLA at every M from
+#   64 up (e.g. K=4096 N=11008: M=64 2.04x against 6.53x; M=4096 1.14x / dx 1.09x against 1.37x /
+#   1.26x), so the training rows are dequant_first and marked faster than XLA; their tiles are
+#   the fused kernel's, used only where the dequantize kernel cannot serve (float32 operands).
+#   Round 4 (run24): ``decode_kn`` (decode into [K, N], so that the dots are the bf16 model's)
+#   against the [N, K] dequantize kernel in the same sweep, M=4096: forward 1.22x / 1.05x bf16
+#   against 1.25x / 1.10x (K=4096 N=11008 / K=N=4096), input gradient 1.07x / 1.03x against
+#   1.07x / 1.09x; its decode alone is slower (0.042 against 0.034 ms at 4096x11008). A 0-5%
+#   edge in one sweep is inside the run-to-run spread, and the training step was measured on
+#   the [N, K] decoder, so the rows keep it; decode_kn stays a knob for the next sweep.
 _HOPPER = {
     "decode": (
         Entry(1, TileConfig(block_n=32, block_k=256, split_k=8, num_warps=2, num_stages=1, lut="prmt",
-                            use_dot=False, pair_fma=True, prefetch=True), True),
+                            use_dot=False, pair_fma=True, prefetch=1), True),
         Entry(4, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                             use_dot=True), True),
         Entry(16, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                              use_dot=True), True),
     ),
     "forward": (
-        Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt"), False),
+        Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt",
+                             dequant_first=True), True),
         Entry(_INF, TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
-                               lut="prmt"), False),
+                               lut="prmt", dequant_first=True), True),
     ),
     "input_grad": (
-        Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, lut="prmt"), False),
+        Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, lut="prmt",
+                             dequant_first=True), True),
         Entry(_INF, TileConfig(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3,
-                               lut="prmt"), False),
+                               lut="prmt", dequant_first=True), True),
     ),
 }
 

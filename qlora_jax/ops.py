@@ -17,16 +17,19 @@ and never the dense ``A·B``. Matmuls take operands in ``compute_dtype`` and acc
 Backends: ``"xla"`` decodes the weight and calls ``dot_general``; an optimization barrier ties
 each decode to the activation it multiplies, so that XLA neither merges the backward's decode
 with the forward's (CSE) nor hoists all decodes to the start of the program, either of which
-would keep every layer's decoded weight alive until the backward. ``"pallas"`` calls the fused
-kernels of `pallas_kernels` (GPU only; the input gradient falls back to XLA where no kernel claims
-it); ``"auto"`` picks a kernel wherever that package is importable, the platform is GPU and the
+would keep every layer's decoded weight alive until the backward. ``"pallas"`` calls the kernels
+of `pallas_kernels` (GPU only: fused dequant-matmuls, or its dequantize kernel followed by XLA's
+dot where its tuning table says ``dequant_first``; the input gradient falls back to XLA where no
+kernel claims it); ``"auto"`` picks a kernel wherever that package is importable, the platform is GPU and the
 kernel claims the shape (its tuning table says where it beats XLA), and XLA otherwise. The
 decision lives in `_dispatch`.
 
 The contract this module expects of `pallas_kernels` (any of it missing means "not supported"):
 ``supports(m, k, n, w, *, compute_dtype, transposed) -> bool``,
-``dequant_matmul(x[M, K], w, *, compute_dtype) -> [M, N]`` (``x·deq(W)ᵀ``) and
-``dequant_matmul_t(dy[M, N], w, *, compute_dtype) -> [M, K]`` (``dy·deq(W)``).
+``dequant_matmul(x[M, K], w, *, compute_dtype, out_dtype) -> [M, N]`` (``x·deq(W)ᵀ``) and
+``dequant_matmul_t(dy[M, N], w, *, compute_dtype, out_dtype) -> [M, K]`` (``dy·deq(W)``). We ask
+for float32 results, as the XLA path gives: rounding each base product to bf16 first changes the
+first optimizer steps measurably (Adam's first update is nearly the gradient's sign).
 
 Meshes: when the weight's matmul is traced for a device mesh of several devices (inside `on_mesh`,
 which `qlora_jax.sharding.make_sharded_train_step` enters; under ``jax.set_mesh``; or with the
@@ -232,7 +235,7 @@ def _base_matmul(x: jax.Array, w: Weight, cd: Any, backend: str, mesh: Any = Non
     """``x[M, K] · deq(W)ᵀ -> [M, N]`` float32; ``backend`` is already resolved by `_dispatch`;
     ``mesh``: see `_gathered`."""
     if backend == "pallas":
-        return _pallas_module().dequant_matmul(x, w, compute_dtype=jnp.dtype(cd)).astype(jnp.float32)
+        return _pallas_module().dequant_matmul(x, _after(w, x), compute_dtype=jnp.dtype(cd), out_dtype=jnp.float32)
     return jax.lax.dot_general(x, _dense(_gathered(_after(w, x), mesh), cd), (((1,), (1,)), ((), ())),
                                preferred_element_type=jnp.float32)
 
@@ -240,7 +243,8 @@ def _base_matmul(x: jax.Array, w: Weight, cd: Any, backend: str, mesh: Any = Non
 def _base_matmul_t(dy: jax.Array, w: Weight, cd: Any, backend: str, mesh: Any = None) -> jax.Array:
     """``dy[M, N] · deq(W) -> [M, K]`` float32 (the input gradient of the base layer)."""
     if backend == "pallas":
-        return _pallas_module().dequant_matmul_t(dy, w, compute_dtype=jnp.dtype(cd)).astype(jnp.float32)
+        return _pallas_module().dequant_matmul_t(dy, _after(w, dy), compute_dtype=jnp.dtype(cd),
+                                                 out_dtype=jnp.float32)
     return jax.lax.dot_general(dy, _dense(_gathered(_after(w, dy), mesh), cd), (((1,), (0,)), ((), ())),
                                preferred_element_type=jnp.float32)
 

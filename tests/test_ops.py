@@ -324,13 +324,14 @@ def _fake_pallas(supported=True):
     """A stand-in for pallas_kernels (plain JAX) that counts its calls."""
     calls = {"fwd": 0, "bwd": 0}
 
-    def dequant_matmul(x, w, *, compute_dtype):
+    def dequant_matmul(x, w, *, compute_dtype, out_dtype):
         calls["fwd"] += 1
-        return jnp.dot(x, dequantize(w, compute_dtype).T, preferred_element_type=F32)
+        return jnp.dot(x, dequantize(w, compute_dtype).T, preferred_element_type=F32).astype(out_dtype)
 
-    def dequant_matmul_t(dy, w, *, compute_dtype):
+    def dequant_matmul_t(dy, w, *, compute_dtype, out_dtype):
         calls["bwd"] += 1
-        return jnp.dot(dy.astype(compute_dtype), dequantize(w, compute_dtype), preferred_element_type=F32)
+        return jnp.dot(dy.astype(compute_dtype), dequantize(w, compute_dtype),
+                       preferred_element_type=F32).astype(out_dtype)
 
     mod = types.SimpleNamespace(supports=lambda m, k, n, w, *, compute_dtype, transposed: supported,
                                 dequant_matmul=dequant_matmul, dequant_matmul_t=dequant_matmul_t)
@@ -358,8 +359,9 @@ def test_pallas_dispatch_path_agrees_with_xla(monkeypatch, supported):
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [4, 16, 512])
 def test_gpu_auto_backend_agrees_with_xla(m):
-    """On the GPU, "auto" takes the Pallas kernels where they claim the shape (decode sizes, by
-    the current tuning table); values and gradients must equal the plain XLA path's."""
+    """On the GPU, "auto" takes the Pallas kernels where they claim the shape (by the current
+    tuning table: the decode kernel up to M=16, dequant_first above); values and gradients must
+    equal the plain XLA path's."""
     x, w_q, a, b, bias, w64 = _problem(512, 384, 8, (m,), seed=4)
     cot = _rand(13, (m, 384))
 

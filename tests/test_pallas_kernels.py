@@ -160,6 +160,9 @@ FORWARD_CASES = [
     (12, 20, 48, 256, 128, None, "fp4", TileConfig(block_m=16, block_n=16, block_k=64, group_m=2)),
     (13, 64, 128, 256, 64, 256, "nf4", TileConfig(block_m=32, block_n=64, block_k=128, lut="prmt")),
     (14, 37, 72, 256, 32, None, "fp4", TileConfig(block_m=16, block_n=32, block_k=64, lut="prmt")),
+    # swap_ab: the transposed product (decoded tile as the left operand), ragged M and N
+    (15, 37, 72, 256, 64, 256, "nf4", TileConfig(block_m=16, block_n=64, block_k=128, lut="prmt", swap_ab=True)),
+    (16, 20, 48, 256, 32, None, "fp4", TileConfig(block_m=32, block_n=16, block_k=64, group_m=2, swap_ab=True)),
 ]
 
 
@@ -192,9 +195,15 @@ DECODE_CASES = [
                                         pair_fma=True)),
     # with the register double buffer: 3 and 2 K steps a program (the last step reloads itself)
     (18, 1, 72, 768, 64, 256, TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt",
-                                         pair_fma=True, prefetch=True)),
+                                         pair_fma=True, prefetch=1)),
     (17, 4, 40, 512, 128, None, TileConfig(block_n=16, block_k=128, split_k=2, use_dot=False, lut="prmt",
-                                           pair_fma=True, prefetch=True)),
+                                           pair_fma=True, prefetch=1)),
+    # a deeper register pipeline: 3 steps ahead with 6 steps a program (no split), and with 2
+    # steps a program (the steps past the end reload the last one)
+    (16, 1, 40, 768, 64, 256, TileConfig(block_n=8, block_k=128, split_k=1, use_dot=False, lut="prmt",
+                                         pair_fma=True, prefetch=3)),
+    (15, 2, 72, 512, 64, 256, TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt",
+                                         pair_fma=True, prefetch=3)),
 ]
 
 
@@ -213,6 +222,9 @@ DX_CASES = [
     (31, 37, 72, 192, 32, 64, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="gather")),
     (32, 20, 48, 256, 128, None, "int4", TileConfig(block_m=16, block_n=16, block_k=64)),
     (33, 37, 72, 192, 64, 256, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="prmt")),
+    # swap_ab, ragged everywhere, and with one sub-tile
+    (34, 37, 72, 192, 64, 256, "nf4", TileConfig(block_m=16, block_n=32, block_k=128, lut="prmt", swap_ab=True)),
+    (35, 20, 48, 256, 128, None, "int4", TileConfig(block_m=32, block_n=16, block_k=64, swap_ab=True)),
 ]
 
 
@@ -254,8 +266,82 @@ def test_matmul_nt_and_nn_forward_path():
     check(dx, (40, 192), pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec), dy64 @ p.w64)
 
 
+DEQUANT_FIRST_CASES = [
+    # block_size, dq_block_size, dtype, config: the [n, k] dequantize kernel, then the [k, n]
+    # tile decoder with ragged N (80 = 2.5 tiles of 32), sub-tiles of a 128-wide step, "tree"
+    (64, 256, jnp.bfloat16, TileConfig(block_m=16, block_n=16, block_k=64, dequant_first=True)),
+    (64, None, jnp.float16, TileConfig(block_m=16, block_n=16, block_k=64, dequant_first=True)),
+    (64, 256, jnp.bfloat16, TileConfig(block_n=32, block_k=128, lut="prmt", dequant_first=True, decode_kn=True)),
+    (32, None, jnp.float16, TileConfig(block_n=64, block_k=64, lut="tree", dequant_first=True, decode_kn=True)),
+]
+
+
+@pytest.mark.parametrize("bs,dqbs,dtype,cfg", DEQUANT_FIRST_CASES)
+def test_dequant_first_path(bs, dqbs, dtype, cfg):
+    """A ``dequant_first`` config: the decoder writes exactly the library's values (transposed
+    with ``decode_kn``), then both products match the references (poisoned weight rows, scales
+    and activation columns)."""
+    p = Problem(42, 80, 256, bs, dqbs)
+    if cfg.decode_kn:
+        w = pk.dequant_first.decoded_weight_kn(*p.arrays, spec=p.spec, dtype=dtype, config=cfg,
+                                               interpret=INTERPRET)
+        assert w.shape == (p.k, p.n)
+        w = w.T
+    else:
+        w = pk.dequant_first.decoded_weight(*p.arrays, spec=p.spec, dtype=dtype, interpret=INTERPRET)
+    lib = dequantize(p.q, dtype, backend="xla")[: p.n]
+    assert w.shape == (p.n, p.k) and w.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(w).view(np.uint16), np.asarray(lib).view(np.uint16))
+    x, x64 = p.activations(40, 256, dtype=dtype)
+    y = pk.matmul_nt(x[:, :256], *p.arrays, **_layout(p), config=cfg, interpret=INTERPRET)
+    assert y.dtype == dtype
+    check(y, (40, 80), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
+    dy, dy64 = p.activations(40, 80, dtype=dtype)
+    dx = pk.matmul_nn(dy[:, :80], *p.arrays, **_layout(p), config=cfg, interpret=INTERPRET)
+    check(dx, (40, 256), pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec), dy64 @ p.w64)
+    # out_dtype=float32 hands over the accumulator unrounded (what qlora_jax.ops asks for): the
+    # product of the exact decoded values, to float32 accuracy, not bf16's
+    w64 = np.asarray(w, np.float64)
+    for fn, a, ref in ((pk.matmul_nt, x[:, :256], x64 @ w64.T), (pk.matmul_nn, dy[:, :80], dy64 @ w64)):
+        got = fn(a, *p.arrays, **_layout(p), config=cfg, out_dtype=jnp.float32, interpret=INTERPRET)
+        assert got.dtype == jnp.float32
+        assert rel_err(got, ref) <= 1e-6, rel_err(got, ref)
+    # the raw entry point reads only the first k (or n) columns of a wider operand
+    y2 = pk.dequant_first.dequant_first_matmul(x, *p.arrays, spec=p.spec, transposed=False, config=cfg,
+                                               interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(y2, np.float32), np.asarray(y, np.float32))
+
+
+def test_dequant_first_falls_back_to_the_fused_kernel():
+    """float32 activations (no dequantize kernel for them) take the fused kernel with the same
+    tiles; asked directly, the decode refuses float32 by name."""
+    p = Problem(43, 48, 128, 64, 256, pad_rows=0)
+    assert not pk.dequant_first.servable(p.spec, jnp.float32)
+    x, x64 = p.activations(24, 128, pad_cols=0, dtype=jnp.float32)
+    cfg = TileConfig(block_m=16, block_n=16, block_k=64, dequant_first=True)
+    y = pk.matmul_nt(x, *p.arrays, **_layout(p), config=cfg, interpret=INTERPRET)
+    assert y.dtype == jnp.float32
+    check(y, (24, 48), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
+    with pytest.raises(ValueError, match="to float32"):
+        pk.dequant_first.decoded_weight(*p.arrays, spec=p.spec, dtype=jnp.float32, interpret=INTERPRET)
+    kn = cfg.replace(decode_kn=True, block_k=96)
+    assert not pk.dequant_first.servable(p.spec, jnp.bfloat16, kn)   # block_k does not divide k
+    with pytest.raises(ValueError, match="block_k=96"):
+        pk.dequant_first.decoded_weight_kn(*p.arrays, spec=p.spec, dtype=jnp.bfloat16, config=kn,
+                                           interpret=INTERPRET)
+
+
 LOWERING_CASES = [
-    # op, m, n, k, block_size, dq_block_size, dtype, config
+    # op, m, n, k, block_size, dq_block_size, dtype, config ("decode_kn": the [k, n] decoder of
+    # the dequant_first path, then XLA's dot)
+    ("decode_kn", 300, 200, 256, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=64, block_k=128, lut="prmt", dequant_first=True, decode_kn=True)),
+    ("decode_kn", 300, 200, 256, 32, None, jnp.float16,
+     TileConfig(block_n=64, block_k=64, lut="tree", dequant_first=True, decode_kn=True)),
+    ("forward", 300, 192, 256, 64, 256, jnp.bfloat16,
+     TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, lut="prmt", swap_ab=True)),
+    ("input_grad", 300, 200, 256, 64, 256, jnp.bfloat16,
+     TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, lut="prmt", swap_ab=True)),
     ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="prmt")),
     ("forward", 64, 128, 256, 64, None, jnp.float16, TileConfig(block_m=64, block_n=64, block_k=64, lut="prmt32")),
     ("input_grad", 300, 200, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=64, block_n=64, block_k=128, lut="prmt")),
@@ -270,7 +356,9 @@ LOWERING_CASES = [
     ("decode", 2, 200, 512, 64, 256, jnp.bfloat16,
      TileConfig(block_n=64, block_k=256, split_k=2, use_dot=False, lut="prmt", pair_fma=True)),
     ("decode", 1, 200, 1024, 64, 256, jnp.bfloat16,
-     TileConfig(block_n=64, block_k=256, split_k=2, use_dot=False, lut="prmt", pair_fma=True, prefetch=True)),
+     TileConfig(block_n=64, block_k=256, split_k=2, use_dot=False, lut="prmt", pair_fma=True, prefetch=1)),
+    ("decode", 1, 200, 2048, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=8, block_k=256, split_k=1, use_dot=False, lut="prmt", pair_fma=True, prefetch=3)),
     ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="tree")),
 ]
 
@@ -285,7 +373,9 @@ def test_kernels_lower_to_triton(op, m, n, k, bs, dqbs, dtype, cfg):
     w = [jax.ShapeDtypeStruct((n * k // 2,), jnp.uint8),
          jax.ShapeDtypeStruct((nb,), jnp.uint8 if dqbs else jnp.float32)]
     w += [jax.ShapeDtypeStruct((-(-nb // dqbs),), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32)] if dqbs else []
-    fn = {"forward": pk.nf4_matmul, "input_grad": pk.nf4_matmul_dx, "decode": pk.nf4_decode}[op]
+    kn_matmul = functools.partial(pk.dequant_first.dequant_first_matmul, transposed=False)
+    fn = {"forward": pk.nf4_matmul, "input_grad": pk.nf4_matmul_dx, "decode": pk.nf4_decode,
+          "decode_kn": kn_matmul}[op]
     rows = n if op == "input_grad" else k
 
     def call(a, codes, absmax, *dq):
@@ -434,3 +524,25 @@ def test_gpu_decode_cases_compile(seed, m, n, k, bs, dqbs, cfg):
 @pytest.mark.parametrize("seed,m,n,k,bs,dqbs,fmt,cfg", DX_CASES)
 def test_gpu_dx_cases_compile(seed, m, n, k, bs, dqbs, fmt, cfg):
     test_nf4_matmul_dx(seed, m, n, k, bs, dqbs, fmt, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bs,dqbs,dtype,cfg", DEQUANT_FIRST_CASES)
+def test_gpu_dequant_first_path(bs, dqbs, dtype, cfg):
+    test_dequant_first_path(bs, dqbs, dtype, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("swap_ab,dequant_first,decode_kn", [(True, False, False), (False, True, False),
+                                                             (False, True, True)])
+def test_gpu_training_paths_at_real_shape(swap_ab, dequant_first, decode_kn):
+    """The training paths compiled at a real, ragged shape with real tile sizes."""
+    p = Problem(60, 1000, 4096, 64, 256, pad_rows=0)
+    cfg = TileConfig(block_m=128, block_n=128, block_k=64, num_warps=8, lut="prmt", swap_ab=swap_ab,
+                     dequant_first=dequant_first, decode_kn=decode_kn)
+    x, x64 = p.activations(333, 4096, pad_cols=0)
+    y = jax.jit(lambda x, *a: pk.matmul_nt(x, *a, **_layout(p), config=cfg))(x, *p.arrays)
+    check(y, (333, 1000), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
+    dy, dy64 = p.activations(333, 1000, pad_cols=0)
+    dx = jax.jit(lambda d, *a: pk.matmul_nn(d, *a, **_layout(p), config=cfg))(dy, *p.arrays)
+    check(dx, (333, 4096), pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec), dy64 @ p.w64)
