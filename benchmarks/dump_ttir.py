@@ -39,10 +39,7 @@ def main() -> None:
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     cfg = tuning.get_config(a.op, a.m, a.n, a.k, 64, device_kind="NVIDIA H200")
-    for item in a.set:
-        key, val = item.split("=")
-        cur = getattr(cfg, key)
-        cfg = cfg.replace(**{key: type(cur)(int(val)) if not isinstance(cur, str) else val})
+    cfg = cfg.with_overrides(a.set)
     spec = _common.make_spec(a.n, a.k, 64, 256, _common.CODE_TABLES["nf4"])
     x = jax.ShapeDtypeStruct((a.m, a.n if a.op == "input_grad" else a.k), jnp.bfloat16)
     codes = jax.ShapeDtypeStruct((a.n * a.k // 2,), jnp.uint8)

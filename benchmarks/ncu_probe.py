@@ -62,10 +62,7 @@ def main() -> None:
         x1 = jax.random.normal(jax.random.key(2), (1, k), jnp.bfloat16)
         base = tuning.get_config("decode", 1, n, k, 64)
         for item in sys.argv[sys.argv.index("--decode-configs") + 1:]:
-            cfg = base
-            for kv in item.split(",") if item != "table" else []:
-                key, val = kv.split("=")
-                cfg = cfg.replace(**{key: val if key == "lut" else int(val)})
+            cfg = base.with_overrides(item.split(",") if item != "table" else [])
             f = jax.jit(lambda a, *w, cfg=cfg: pk.matmul_nt(a, *w, **lay, config=cfg))
             for _ in range(2):
                 jax.block_until_ready(f(x1, q.codes, q.absmax, q.absmax_scale, q.absmax_offset))

@@ -186,11 +186,8 @@ def jax_ops(k: int, n: int, config_fwd=None, config_dx=None):
 
     def decode_only(x, q):   # the first half of a dequant_first call, with its decoder
         cfg = config_fwd or pk.get_config("forward", x.shape[0], n, k, BLOCK_SIZE)
-        arrays = (q.codes, q.absmax, q.absmax_scale, q.absmax_offset)
-        if cfg.decode_kn:
-            return pk.dequant_first.decoded_weight_kn(*arrays, spec=spec, dtype=x.dtype, config=cfg,
-                                                      interpret=INTERPRET)
-        return pk.dequant_first.decoded_weight(*arrays, spec=spec, dtype=x.dtype, interpret=INTERPRET)
+        return pk.dequant_first.decode(q.codes, q.absmax, q.absmax_scale, q.absmax_offset, spec=spec,
+                                       dtype=x.dtype, config=cfg, interpret=INTERPRET)
 
     def bf16_nt(x, w_nk):    # its second half: the dot on the [N, K] weight
         return jax.lax.dot_general(x, w_nk, (((1,), (1,)), ((), ())),

@@ -42,7 +42,7 @@ from pallas_kernels import quantize as _quantize
 from pallas_kernels._common import QuantSpec
 from pallas_kernels.tuning import TileConfig
 
-__all__ = ["servable", "decoded_weight", "decoded_weight_kn", "dequant_first_matmul"]
+__all__ = ["servable", "decoded_weight", "decoded_weight_kn", "decode", "dequant_first_matmul"]
 
 _DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -51,15 +51,11 @@ def servable(spec: QuantSpec, dtype: Any, config: TileConfig | None = None) -> b
     """Whether this path can decode the weight to ``dtype``: bf16/f16 only; with the dequantize
     kernel (``config.decode_kn`` false or no config) also a block size in
     `pallas_kernels.quantize.BLOCK_SIZES`; with ``decode_kn`` a ``block_k`` dividing k."""
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError:
-        return False
-    if dt not in _DTYPES:
+    if jnp.dtype(dtype) not in _DTYPES:
         return False
     if config is not None and config.decode_kn:
         return spec.k % config.block_k == 0
-    return _quantize.supported(dt, spec.n * spec.k, spec.block_size)
+    return _quantize.supported(dtype, spec.n * spec.k, spec.block_size)
 
 
 def decoded_weight(codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array | None,
@@ -131,21 +127,34 @@ def decoded_weight_kn(codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Arr
     Raises:
       ValueError if `servable` is False for this weight, dtype and config.
     """
-    cfg = config
-    if not servable(spec, dtype, cfg) or cfg.block_k & (cfg.block_k - 1) or cfg.block_n & (cfg.block_n - 1):
+    bn, bk = config.block_n, config.block_k
+    if not servable(spec, dtype, config) or bk & (bk - 1) or bn & (bn - 1):
         raise ValueError(f"decoded_weight_kn cannot decode a {spec.n}x{spec.k} weight to "
-                         f"{jnp.dtype(dtype).name} with block_n={cfg.block_n}, block_k={cfg.block_k} "
+                         f"{jnp.dtype(dtype).name} with block_n={bn}, block_k={bk} "
                          f"(bf16/f16; powers of two, block_k dividing k)")
-    ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, cfg.lut)
-    kernel = functools.partial(_decode_kn_kernel, spec=spec, cfg=cfg, n_in=n_in, interpret=interpret)
+    ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, config.lut)
+    kernel = functools.partial(_decode_kn_kernel, spec=spec, cfg=config, n_in=n_in, interpret=interpret)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((spec.k, spec.n), jnp.dtype(dtype)),
-        grid=(pl.cdiv(spec.n, cfg.block_n) * (spec.k // cfg.block_k),),
+        grid=(pl.cdiv(spec.n, bn) * (spec.k // bk),),
         interpret=interpret,
-        compiler_params=_common.compiler_params(cfg.num_warps, 1),
+        compiler_params=_common.compiler_params(config.num_warps, 1),
         name="nf4_decode_kn",
     )(*ins)
+
+
+def decode(codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array | None,
+           absmax_offset: jax.Array | None, *, spec: QuantSpec, dtype: Any,
+           config: TileConfig | None = None, interpret: bool = False) -> jax.Array:
+    """The first half of a dequant_first call: ``deq(W)`` by the decoder ``config`` picks,
+    ``[k, n]`` with ``config.decode_kn`` (`decoded_weight_kn`), else ``[n, k]``
+    (`decoded_weight`)."""
+    if config is not None and config.decode_kn:
+        return decoded_weight_kn(codes, absmax, absmax_scale, absmax_offset, spec=spec, dtype=dtype,
+                                 config=config, interpret=interpret)
+    return decoded_weight(codes, absmax, absmax_scale, absmax_offset, spec=spec, dtype=dtype,
+                          interpret=interpret)
 
 
 def dequant_first_matmul(a: jax.Array, codes: jax.Array, absmax: jax.Array,
@@ -157,15 +166,11 @@ def dequant_first_matmul(a: jax.Array, codes: jax.Array, absmax: jax.Array,
     accumulation; the result in ``out_dtype`` (default ``a``'s; float32 is the accumulator
     itself, unrounded). Only the first K (or N) columns of ``a`` are read. ``config.decode_kn``
     picks the ``[k, n]`` decoder (see the module docstring)."""
-    width = spec.n if transposed else spec.k
-    if config is not None and config.decode_kn:
-        w = decoded_weight_kn(codes, absmax, absmax_scale, absmax_offset, spec=spec, dtype=a.dtype,
-                              config=config, interpret=interpret)
-        contract = 1 if transposed else 0
-    else:
-        w = decoded_weight(codes, absmax, absmax_scale, absmax_offset, spec=spec, dtype=a.dtype,
-                           interpret=interpret)
-        contract = 0 if transposed else 1
-    y = jax.lax.dot_general(a[:, :width], w, (((1,), (contract,)), ((), ())),
+    w = decode(codes, absmax, absmax_scale, absmax_offset, spec=spec, dtype=a.dtype, config=config,
+               interpret=interpret)
+    kn = config is not None and config.decode_kn
+    # a's features (k, or n for the gradient) are w's axis 0 exactly when they lead w's layout
+    contract = 0 if transposed != kn else 1
+    y = jax.lax.dot_general(a[:, : spec.n if transposed else spec.k], w, (((1,), (contract,)), ((), ())),
                             preferred_element_type=jnp.float32)
     return y.astype(a.dtype if out_dtype is None else out_dtype)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Iterable
 
 import jax
 
@@ -59,6 +60,19 @@ class TileConfig:
 
     def replace(self, **kwargs) -> "TileConfig":
         return dataclasses.replace(self, **kwargs)
+
+    def with_overrides(self, items: Iterable[str]) -> "TileConfig":
+        """This config with ``"key=value"`` overrides (tools' command lines): ``lut`` takes the
+        text, every other field an int (``use_dot=0``, ``prefetch=2``). ValueError names an
+        unknown key."""
+        cfg = self
+        for item in items:
+            key, _, val = item.partition("=")
+            if key not in {f.name for f in dataclasses.fields(self)}:
+                raise ValueError(f"unknown TileConfig field {key!r} in {item!r}")
+            cur = getattr(self, key)
+            cfg = cfg.replace(**{key: val if isinstance(cur, str) else type(cur)(int(val))})
+        return cfg
 
 
 @dataclasses.dataclass(frozen=True)

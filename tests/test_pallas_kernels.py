@@ -485,6 +485,15 @@ def test_tuning_table_fits_k():
         pk.get_config("decode", pk.DECODE_MAX_M + 1, 64, 64, 64)
 
 
+def test_config_overrides():
+    """The tools' "key=value" overrides keep each field's type and refuse unknown keys."""
+    cfg = TileConfig(lut="prmt").with_overrides(["block_n=16", "use_dot=0", "prefetch=3", "lut=tree"])
+    assert (cfg.block_n, cfg.use_dot, cfg.prefetch, cfg.lut) == (16, False, 3, "tree")
+    assert cfg.with_overrides([]) == cfg
+    with pytest.raises(ValueError, match="unknown TileConfig field 'blocks'"):
+        cfg.with_overrides(["blocks=2"])
+
+
 # ------------------------------------------------------------------------------------------
 # GPU: the same kernels compiled by Triton, at real shapes
 
