@@ -11,12 +11,14 @@ For each weight shape (K, N) and batch M, one run times side by side:
   in a subprocess with CUDA events over CUDA-graph replays, when torch with CUDA and
   bitsandbytes import (``--bnb-path`` adds a folder holding the ``bitsandbytes`` package).
 
-Device-side timing: many calls inside one jitted ``lax.fori_loop`` (the operands pass an
-``optimization_barrier`` with the loop carry so XLA cannot hoist the call), median of 3 runs,
-divided by the calls. Each loop step makes 32 calls (4 from M = 512 up), rotating through R
-distinct weight copies (R * bytes >= ~2x the 50 MB L2 of an H100) so that decode timings stream
-from HBM, not L2. An empty loop step costs ~26 us on an H100 (the while loop's round trip); it is
-measured in the same run (``loop_overhead_ms``) and taken off each step.
+Device-side timing: many calls inside one jitted ``lax.fori_loop`` (`timing_loop`: the
+operands pass an ``optimization_barrier`` with the loop carry so XLA cannot hoist the call, the
+outputs pass another so that XLA cannot shrink a call's epilogue to the one element the loop
+reads, and each call has its own copy of x), median of 3 runs, divided by the calls. Each loop
+step makes 32 calls (4 from M = 512 up), rotating through R distinct weight copies (R * bytes
+>= ~2x the 50 MB L2 of an H100) so that decode timings stream from HBM, not L2. An empty loop
+step costs ~26 us on an H100 (the while loop's round trip); it is measured in the same run
+(``loop_overhead_ms``) and taken off each step.
 
     python experiments/bench_kernels.py                 # full table, JSON to benchmarks/results/
     python experiments/bench_kernels.py --quick --check # subset, correctness vs XLA first
@@ -66,36 +68,49 @@ def _rotations(weight_bytes: int, m: int) -> int:
 # JAX side
 
 
+def timing_loop(fn):
+    """``run(xs, weights, n)``: ``n`` steps of a fori_loop, each calling ``fn(xs[i], *weights[i])``
+    for every i and adding each output's ``[0, 0]`` element to a float32 sum.
+
+    Everything passes optimization barriers: the inputs (so that nothing computed from the
+    weights or x alone, a decoded weight or x's byte planes, can be hoisted out of the loop),
+    and the outputs (so that XLA cannot shrink a call's epilogue, such as a split-K sum, to
+    the one element read). Each call gets its own copy of x, so that work on x is not shared
+    between calls either."""
+    import jax
+    import jax.numpy as jnp
+
+    def run(xs, weights, n):
+        def body(_, carry):
+            xs_c, ws, s = jax.lax.optimization_barrier(carry)
+            outs = jax.lax.optimization_barrier([fn(xc, *w) for xc, w in zip(xs_c, ws)])
+            return xs_c, ws, s + sum(o[0, 0].astype(jnp.float32) for o in outs)
+        return jax.lax.fori_loop(0, n, body, (xs, weights, jnp.float32(0)))[2]
+
+    return run
+
+
 def device_time(fn, x, weights, min_total_s: float = 0.05, loop_step_s: float = 0.0) -> float:
     """Seconds a call of ``fn(x, *w)``, averaged over the weight copies in ``weights``, timed
-    inside one jitted fori_loop (median of 3 timed launches). Each loop step makes at least
-    32 calls (4 when x has >= 512 rows), rotating through ``weights``, and ``loop_step_s`` (the
-    cost of an empty step, from `loop_overhead`) is taken off each step."""
+    inside one jitted fori_loop (`timing_loop`; median of 3 timed launches). Each loop step
+    makes at least 32 calls (4 when x has >= 512 rows), rotating through ``weights``, and
+    ``loop_step_s`` (the cost of an empty step, from `loop_overhead`) is taken off each step."""
     min_calls = 4 if x.shape[0] >= DX_MIN_M else 32
     import jax
     import jax.numpy as jnp
 
     calls = list(weights) * max(1, math.ceil(min_calls / len(weights)))
-
-    def run(x, weights, n):
-        # the weights pass the barrier too, so that nothing computed from them alone (a
-        # decoded weight, say) can be hoisted out of the loop
-        def body(_, carry):
-            xc, ws, s = jax.lax.optimization_barrier(carry)
-            outs = [fn(xc, *w) for w in ws]
-            return xc, ws, s + sum(o[0, 0].astype(jnp.float32) for o in outs)
-        return jax.lax.fori_loop(0, n, body, (x, weights, jnp.float32(0)))[2]
-
-    f = jax.jit(run)
-    f(x, calls, 1).block_until_ready()
+    xs = [jnp.array(x, copy=True) for _ in calls]
+    f = jax.jit(timing_loop(fn))
+    f(xs, calls, 1).block_until_ready()
     t = time.perf_counter()
-    f(x, calls, 2).block_until_ready()
+    f(xs, calls, 2).block_until_ready()
     est = max((time.perf_counter() - t) / 2, 1e-6)
     n = int(min(10000, max(3, math.ceil(min_total_s / est))))
     times = []
     for _ in range(3):
         t = time.perf_counter()
-        f(x, calls, n).block_until_ready()
+        f(xs, calls, n).block_until_ready()
         times.append(time.perf_counter() - t)
     step = statistics.median(times) / n
     return max(step - loop_step_s, 0.0) / len(calls)
@@ -300,38 +315,39 @@ def sweep_candidates(op: str, m: int) -> list:
     from pallas_kernels.tuning import TileConfig as C
 
     if op == "decode" and m == 1:
-        # Round 8 (2026-12-02, fourth session): the pair-dot word path with a deeper register
-        # pipeline (``prefetch`` = K steps carried ahead) and fewer K splits (none: no second
-        # kernel for the split sum), beside round 7's best (32 rows, 8 splits, one step ahead)
-        # and the dot. block_n x 8 words / (32 x warps) is the words a thread loads per block.
-        grid = [(32, 256, 8, 2, 1), (32, 256, 8, 2, 2), (32, 256, 4, 2, 2), (32, 256, 4, 2, 3),
-                (32, 256, 2, 2, 3), (32, 256, 1, 2, 4), (16, 256, 2, 1, 3), (16, 256, 4, 1, 2),
-                (16, 256, 1, 1, 4), (8, 256, 1, 2, 4), (16, 256, 2, 2, 3), (64, 256, 4, 4, 2),
-                (64, 256, 2, 4, 3), (32, 128, 8, 2, 3), (32, 512, 4, 2, 2)]
+        # Round 9 (2026-12-03, second session): the pair-dot path with x in byte planes
+        # (``x_planes``: one word tile a K step, x loaded in vectors once for all the rows a
+        # thread holds; Nsight Compute had the round-8 row at 67% L1 throughput, 24% DRAM, with
+        # four scalar x loads a weight word) over rows, K step, splits, warps and prefetch, beside
+        # round 8's best (the table's M=1 row) and the table's dot row.
+        # (block_n, block_k, split_k, warps, prefetch); block_n x block_k/8 / (32 x warps) is the
+        # words a thread holds a step.
+        # Round 9 (run26) had 16/1024/1/4/1, 16/1024/1/4/0, 8/1024/1/2/1, 16/512/1/2/1, 32/512/2/4/1,
+        # 32/256/8/2/1 (best mean: 0.59x / 0.69x / 0.86x bf16 at K=4096 N=11008 / K=11008 N=4096 /
+        # K=N=4096, the round-8 row 0.72x / 0.93x / 1.03x), 8/512/2/1/1, 16/2048/1/8/0, 64/256/4/4/1,
+        # 16/1024/2/4/1, 8/1024/1/4/1, 16/1024/1/8/1. Round 9b (run27): splits and rows around the
+        # best; best mean 16/256/8/1/1 (0.58x / 0.69x / 0.84x), 32/256/8/2/1 next (0.59x / 0.69x /
+        # 0.85x). Round 9c (run28): the table words as one register a thread (168 -> 86-128
+        # registers): best mean 8/256/8/1/1. Rounds 9-9c timed a loop in which XLA shrank the
+        # split-K sum to the one element read and computed x's planes once for all calls
+        # (`benchmarks/gpu/loop_hlo.py`); round 10 times each call whole (`timing_loop`), so the
+        # configs without a split (no second kernel) are back in.
+        grid = [(16, 256, 8, 1, 1), (8, 256, 8, 1, 1), (32, 256, 8, 2, 0), (16, 512, 8, 2, 1),
+                (32, 512, 4, 4, 1), (8, 1024, 2, 2, 1), (16, 1024, 2, 4, 1), (16, 1024, 1, 4, 1),
+                (8, 1024, 1, 2, 1), (16, 512, 1, 2, 1), (8, 512, 1, 1, 1), (16, 256, 16, 1, 1)]
         cands = [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=1, lut="prmt", use_dot=False,
-                   pair_fma=True, prefetch=pf) for bn, bk, sk, nw, pf in grid]
-        return cands + [C(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt")]
+                   pair_fma=True, prefetch=pf, x_planes=True) for bn, bk, sk, nw, pf in grid]
+        return cands + [C(block_n=32, block_k=256, split_k=8, num_warps=2, num_stages=1, lut="prmt", use_dot=False,
+                          pair_fma=True, prefetch=1),
+                        C(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt")]
     if op == "decode":
-        # block_n, block_k, split_k, warps, stages, use_dot, pair_fma. Round 6 (2026-12-02,
-        # third session): the word path with the bf16x2 dot of 4 bytes (`byte_lut.pair_dot_program`)
-        # around the earlier bests, which stay in as baselines (rounds 4-5 are in the tuning
-        # table's comments), and (run18) the same with the register double buffer (`prefetch`).
-        grid = [(128, 128, 8, 4, 3, True, False), (128, 64, 16, 4, 3, True, False),
-                (64, 128, 8, 4, 3, True, False), (128, 128, 16, 8, 3, True, False)]
-        if m <= 4:
-            grid += [(64, 256, 16, 4, 3, False, False)]
-            grid += [(bn, bk, sk, nw, ns, False, True) for bn, bk, sk, nw, ns in [
-                (64, 256, 16, 4, 3), (64, 128, 16, 4, 3), (128, 256, 8, 4, 3), (64, 512, 8, 4, 3),
-                (32, 256, 16, 2, 3), (128, 128, 16, 4, 3), (64, 256, 8, 4, 3), (128, 256, 16, 8, 3),
-                (64, 256, 32, 4, 3), (256, 256, 8, 8, 3), (32, 512, 16, 2, 3), (64, 256, 16, 2, 3)]]
-        cands = [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns, lut="prmt", use_dot=dot,
-                   pair_fma=pf) for bn, bk, sk, nw, ns, dot, pf in grid]
-        if m <= 4:   # the register double buffer needs several K steps a program
-            cands += [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=1, lut="prmt", use_dot=False,
-                        pair_fma=True, prefetch=1)
-                      for bn, bk, sk, nw in [(64, 256, 4, 4), (64, 256, 8, 4), (32, 256, 4, 2), (64, 128, 8, 4),
-                                             (128, 256, 4, 8), (32, 256, 8, 2)]]
-        return cands
+        # M = 2..16: the tensor-core dot (block_n, block_k, split_k, warps, stages) around the
+        # table's row (rounds 4-6 in the tuning table's comments), and (round 10, each call
+        # timed whole) fewer splits
+        grid = [(128, 128, 8, 4, 3), (128, 64, 16, 4, 3), (64, 128, 8, 4, 3), (128, 128, 16, 8, 3),
+                (64, 128, 2, 4, 3), (32, 256, 2, 4, 3), (64, 256, 1, 4, 3), (32, 512, 1, 4, 3)]
+        return [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=ns, lut="prmt")
+                for bn, bk, sk, nw, ns in grid]
     if op in ("forward", "input_grad") and m >= 2048:
         # Round 4 (2026-12-03): ``dequant_first`` with the [K, N] tile decoder (``decode_kn``:
         # the products of a bf16 model, x·W and dy·Wᵀ) over decoder tiles (block_n, block_k,
@@ -443,7 +459,8 @@ def _cfg_str(c) -> str:
     return (f"bm{c.block_m} bn{c.block_n} bk{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages} "
             f"{c.lut}{' dot' if c.use_dot else ''}{' pair_fma' if c.pair_fma else ''}"
             f"{f' prefetch{int(c.prefetch)}' if c.prefetch else ''}{' swap_ab' if c.swap_ab else ''}"
-            f"{' dequant_first' if c.dequant_first else ''}{' decode_kn' if c.decode_kn else ''}")
+            f"{' dequant_first' if c.dequant_first else ''}{' decode_kn' if c.decode_kn else ''}"
+            f"{' x_planes' if c.x_planes else ''}")
 
 
 # ------------------------------------------------------------------------------------------

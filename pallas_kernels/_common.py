@@ -327,30 +327,35 @@ def k_offsets(i: jax.Array, stride: int, extra: int, block_size: int) -> tuple[j
 
 
 def load_block_scales(spec: QuantSpec, refs: "ScaleRefs", row0: jax.Array, rows: int,
-                      kb: jax.Array, valid: jax.Array | None) -> jax.Array:
+                      kb: jax.Array, valid: jax.Array | None, cols: int | None = None) -> jax.Array:
     """float32 [rows] first-level scales of weight rows ``row0 .. row0+rows`` at block column
-    ``kb`` (a traced scalar), decoding double quant in the kernel.
+    ``kb`` (a traced scalar), decoding double quant in the kernel; with ``cols``, float32
+    [rows, cols] of the block columns ``kb .. kb+cols``.
 
     ``valid`` (bool [rows] or None) masks rows that do not exist; their scale reads as 0.
     """
-    if valid is None:
-        raw = refs.absmax[pl.ds(row0, rows), kb]
+    rows_at = pl.ds(row0, rows)
+    at = (rows_at, kb) if cols is None else (rows_at, pl.ds(kb, cols))
+    mask = valid if valid is None or cols is None else valid[:, None]
+    if mask is None:
+        raw = refs.absmax[at]
     else:
-        raw = pltriton.load(refs.absmax.at[pl.ds(row0, rows), kb], mask=valid, other=0)
+        raw = pltriton.load(refs.absmax.at[at], mask=mask, other=0)
     if not spec.double_quant:
         return raw
     # 8-bit code -> table (a gather from a 256-entry ref, once per block, not per element)
     # -> * second-level scale (gathered by flat block index) + offset.
     dec = pltriton.load(refs.table.at[raw.astype(jnp.int32)])
-    flat = (row0 + jnp.arange(rows, dtype=jnp.int32)) * spec.blocks_per_row + kb
+    flat = (row0 + jnp.arange(rows, dtype=jnp.int32)) * spec.blocks_per_row
+    flat = flat + kb if cols is None else flat[:, None] + (kb + jnp.arange(cols, dtype=jnp.int32))[None, :]
     sidx = jax.lax.div(flat, jnp.int32(spec.dq_block_size))  # flat >= 0: no floor-division select
     n_scales = refs.scale.shape[0]
-    if valid is None:
+    if mask is None:
         scale = pltriton.load(refs.scale.at[sidx])
     else:
         # clamp so that even a masked lane's address is inside the array
         sidx = jnp.minimum(sidx, n_scales - 1)
-        scale = pltriton.load(refs.scale.at[sidx], mask=valid, other=0)
+        scale = pltriton.load(refs.scale.at[sidx], mask=jnp.broadcast_to(mask, sidx.shape), other=0)
     return dec * scale + refs.offset[0]
 
 

@@ -53,7 +53,7 @@ import numpy as np
 
 __all__ = ["Program", "pairs_program", "words_program", "pair_dot_program", "table_words", "table_tile",
            "decode_pair_words", "decode_pairs", "split_pair_words", "decode_words",
-           "pair_dot_accumulate", "run_program", "DTYPES", "N_TABLE_WORDS"]
+           "pair_dot_accumulate", "pair_dot_sums", "run_program", "DTYPES", "N_TABLE_WORDS"]
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _NEG_ZERO2 = 0x80008000   # (-0, -0) in bf16x2 and f16x2 alike: the addend of a plain product
@@ -67,7 +67,7 @@ class Program:
 
     Ops: ``xor and shr shl mul mov`` (u32; ``mul`` keeps the low 32 bits), ``prmt a b sel``,
     ``fma2 a b c`` / ``mul2 a b`` (packed bf16x2/f16x2 ``a*b+c`` / ``a*b``, per ``half``),
-    ``fmul a b`` / ``fma a b c`` (f32), ``cvt2 a b`` (two f32 -> one bf16x2/f16x2 word: ``a``
+    ``fmul a b`` / ``fadd a b`` / ``fma a b c`` (f32), ``cvt2 a b`` (two f32 -> one bf16x2/f16x2 word: ``a``
     high half, ``b`` low half)."""
 
     ops: tuple[tuple, ...]
@@ -110,12 +110,12 @@ class Program:
 # The PTX instruction of each op (``{h}``: the packed 16-bit float type).
 _PTX_OPS = {"xor": "xor.b32", "and": "and.b32", "shr": "shr.u32", "shl": "shl.b32", "mul": "mul.lo.u32",
             "mov": "mov.b32", "prmt": "prmt.b32", "fma2": "fma.rn.{h}", "mul2": "mul.rn.{h}",
-            "fmul": "mul.rn.f32", "fma": "fma.rn.f32", "cvt2": "cvt.rn.{h}.f32"}
+            "fmul": "mul.rn.f32", "fadd": "add.rn.f32", "fma": "fma.rn.f32", "cvt2": "cvt.rn.{h}.f32"}
 
 
 def _immediate_in_register(op: str, i: int) -> bool:
     """Whether an immediate source ``i`` of ``op`` is first moved into a register."""
-    return (op == "prmt" and i < 2) or op in ("fma2", "mul2", "fma", "fmul")
+    return (op == "prmt" and i < 2) or op in ("fma2", "mul2", "fma", "fmul", "fadd")
 
 
 def _prmt(a: jax.Array, b: jax.Array, sel: jax.Array) -> jax.Array:
@@ -183,9 +183,9 @@ def run_program(prog: Program, inputs: Sequence[jax.Array]) -> list[jax.Array]:
             lo = (al.astype(jnp.float32) * bl.astype(jnp.float32) + cl.astype(jnp.float32)).astype(half)
             hi = (ah.astype(jnp.float32) * bh.astype(jnp.float32) + ch.astype(jnp.float32)).astype(half)
             r = _pack_halves(lo, hi)
-        elif op == "fmul":
+        elif op in ("fmul", "fadd"):
             a, b = (jax.lax.bitcast_convert_type(val(s), jnp.float32) for s in args)
-            r = jax.lax.bitcast_convert_type(a * b, jnp.uint32)
+            r = jax.lax.bitcast_convert_type(a * b if op == "fmul" else a + b, jnp.uint32)
         elif op == "fma":   # modelled with two roundings; the GPU's fma rounds once
             a, b, c = (jax.lax.bitcast_convert_type(val(s), jnp.float32) for s in args)
             r = jax.lax.bitcast_convert_type(a * b + c, jnp.uint32)
@@ -285,7 +285,7 @@ def table_tile(values: Sequence[float], dtype: Any, q: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def pair_dot_program(dtype_name: str) -> Program:
+def pair_dot_program(dtype_name: str, scaled: bool = True) -> Program:
     """The dot of one word of 4 packed bytes (8 weights) with their 8 activations, added to a
     float32 sum (one element a word: ``elementwise_inline_asm`` with ``pack=1``).
 
@@ -293,7 +293,8 @@ def pair_dot_program(dtype_name: str) -> Program:
     the x words of bytes 0..3 (each the ``dtype`` pair of x its byte's two weights multiply);
     ``in5`` the float32 block scale (the 4 bytes share a block); ``in6`` the float32 sum;
     ``in7..15`` the table words (`table_words`). Output: ``out0 = in6 + in5 * (sum of the 8
-    products)``.
+    products)``. With ``scaled=False`` there is no scale and no sum: the table words are
+    ``in5..13`` and ``out0`` is the float32 sum of the 8 products.
 
     The 8 products are summed as 2 ``dtype`` lanes (even and odd weights) in one multiply and
     three packed FMAs; the two lanes then go to float32 exactly. The table comes in registers
@@ -302,15 +303,19 @@ def pair_dot_program(dtype_name: str) -> Program:
     of the float32 word path, counted in its SASS)."""
     if dtype_name != "bfloat16":
         raise ValueError(f"pair_dot_program supports bfloat16 pairs, got {dtype_name}")
-    t = [f"in{_DOT_TABLE + i}" for i in range(N_TABLE_WORDS)]
+    first_table = _DOT_TABLE if scaled else _DOT_SCALE
+    t = [f"in{first_table + i}" for i in range(N_TABLE_WORDS)]
     ops: list = []
     _pair_word_ops(ops, [f"v{j}" for j in range(4)], t[0:4], t[4:8], t[8])
     ops += [("mul2", "p", "v0", f"in{_DOT_X}")]
     ops += [("fma2", "p", f"v{j}", f"in{_DOT_X + j}", "p") for j in (1, 2, 3)]
     ops += [("shl", "pe", "p", 16), ("and", "po", "p", 0xFFFF0000)]   # a bf16 is the top half of its float32
-    ops += [("fma", "a", "pe", f"in{_DOT_SCALE}", f"in{_DOT_ACC}"),
-            ("fma", "out0", "po", f"in{_DOT_SCALE}", "a")]
-    return Program(tuple(ops), _DOT_TABLE + N_TABLE_WORDS, 1, dtype_name)
+    if scaled:
+        ops += [("fma", "a", "pe", f"in{_DOT_SCALE}", f"in{_DOT_ACC}"),
+                ("fma", "out0", "po", f"in{_DOT_SCALE}", "a")]
+    else:
+        ops += [("fadd", "out0", "pe", "po")]
+    return Program(tuple(ops), first_table + N_TABLE_WORDS, 1, dtype_name)
 
 
 @functools.lru_cache(maxsize=64)
@@ -404,38 +409,60 @@ def decode_pair_words(packed: jax.Array, values: Sequence[float], dtype: Any,
 
 def pair_dot_accumulate(words: jax.Array, x_words: Sequence[jax.Array], scale: jax.Array, acc: jax.Array,
                         table: Sequence[jax.Array], *, interpret: bool) -> jax.Array:
-    """float32 ``[r, q]``: ``acc + scale * dot`` for each word of packed weights, the dot of its
-    4 bytes' 8 weights (bf16 ``table`` values of their nibbles) with their x pairs;
-    `pair_dot_program` on each word.
+    """float32 ``[r, q]`` (or ``[r, b, q]``): ``acc + scale * dot`` for each word of packed
+    weights, the dot of its 4 bytes' 8 weights (bf16 ``table`` values of their nibbles) with
+    their x pairs; `pair_dot_program` on each word.
 
     Args:
-      words: int32 ``[r, q]``, 4 packed bytes a word (each word within one block).
-      x_words: 4 int32 arrays ``[1, q]`` or ``[r, q]``: ``x_words[j]`` holds the bf16 pair of
-        activations of byte ``j`` of each word.
-      scale: float32 ``[r, 1]`` or ``[r, q]``, the block scale of each word.
-      acc: float32 ``[r, q]`` running sums.
+      words: int32 ``[r, q]`` or ``[r, b, q]``, 4 packed bytes a word (each word within one
+        block).
+      x_words: 4 int32 arrays broadcastable to ``words``' shape (``[1, q]``, ``[1, b, q]``):
+        ``x_words[j]`` holds the bf16 pair of activations of byte ``j`` of each word.
+      scale: float32 broadcastable to ``words``' shape (``[r, 1]``, ``[r, b, 1]``), the block
+        scale of each word.
+      acc: float32 running sums, ``words``' shape.
       table: the `N_TABLE_WORDS` words of `table_words` (bf16 values), each a scalar or an
         int32 array broadcastable to ``[r, q]``. In a kernel, load them as ``[1, q]`` tiles
         (`table_tile`): a scalar is the same for every thread, and ptxas then keeps it in a
         uniform register and copies it back before each permute that reads it.
     """
-    if words.dtype != jnp.int32 or words.ndim != 2:
-        raise ValueError(f"words must be an int32 [rows, q] tile, got {words.dtype} {words.shape}")
-    if len(x_words) != 4 or len(table) != N_TABLE_WORDS:
-        raise ValueError(f"need 4 x word tiles and {N_TABLE_WORDS} table words, got {len(x_words)}, {len(table)}")
+    _check_dot_operands(words, x_words, table)
     shape = words.shape
     as_words = lambda a: jnp.broadcast_to(jax.lax.bitcast_convert_type(a, jnp.int32), shape)  # noqa: E731
     args = [words, *(as_words(x) for x in x_words), as_words(scale.astype(jnp.float32)), as_words(acc)]
     args += [jnp.broadcast_to(t, shape) for t in table]
-    prog = pair_dot_program("bfloat16")
+    return _run_dot(pair_dot_program("bfloat16"), args, interpret)
+
+
+def pair_dot_sums(words: jax.Array, x_words: Sequence[jax.Array], table: Sequence[jax.Array], *,
+                  interpret: bool) -> jax.Array:
+    """float32, ``words``' shape: for each word of 4 packed bytes the sum of its 8 weights'
+    (unscaled bf16 ``table`` values of their nibbles) products with their x pairs, as in
+    `pair_dot_accumulate` but without the scale and the running sum (the caller adds the
+    words of a block, then scales once a block)."""
+    _check_dot_operands(words, x_words, table)
+    shape = words.shape
+    args = [words, *(jnp.broadcast_to(x, shape) for x in x_words), *(jnp.broadcast_to(t, shape) for t in table)]
+    return _run_dot(pair_dot_program("bfloat16", scaled=False), args, interpret)
+
+
+def _check_dot_operands(words: jax.Array, x_words: Sequence[jax.Array], table: Sequence[jax.Array]) -> None:
+    if words.dtype != jnp.int32 or words.ndim < 2:
+        raise ValueError(f"words must be an int32 [rows, ..., q] tile, got {words.dtype} {words.shape}")
+    if len(x_words) != 4 or len(table) != N_TABLE_WORDS:
+        raise ValueError(f"need 4 x word tiles and {N_TABLE_WORDS} table words, got {len(x_words)}, {len(table)}")
+
+
+def _run_dot(prog: Program, args: Sequence[jax.Array], interpret: bool) -> jax.Array:
+    """float32 ``out0`` of a one-output word program on int32 operands of one shape."""
     if interpret:
         (out,) = run_program(prog, [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args])
     else:
         from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
 
         (out,) = pltriton.elementwise_inline_asm(
-            prog.ptx(), args=args, constraints=",".join(["=r"] + ["r"] * prog.n_in), pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
+            prog.ptx(), args=list(args), constraints=",".join(["=r"] + ["r"] * prog.n_in), pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)])
     return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 

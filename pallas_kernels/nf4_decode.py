@@ -30,15 +30,28 @@ instructions a packed byte instead of ~18, at ~1e-3 more relative error (bf16 ro
 registers, so their loads go out before this step's arithmetic. (Carried as uint8 tiles, they
 had been unpacked to a byte a register and re-packed for the PTX: 255 registers; as words, 96.)
 
-Measured (H200, jax 0.11.2, NF4 + double quant, device-side, 2026-12-02, the tuning table's
-configs, bitsandbytes 0.50 in the same run; `benchmarks/README.md`): at M=1 the word path with
-``pair_fma`` and ``prefetch`` (32 rows, 256-wide K steps, 8 K splits, 2 warps) takes 0.0186 ms =
-0.70x XLA cuBLAS bf16 at K=4096 N=11008 (1.25 TB/s of packed weight; bitsandbytes 0.97x) and
-1.04x at K=N=4096 (bitsandbytes 1.24x). At M=4 and M=16 the dot config (128 rows, 64-wide steps,
-16 splits, 4 warps) takes 1.01-1.29x (bitsandbytes 2.75-3.83x). Plain XLA dequantize->dot takes
-8-9x. The target, 0.40x bf16 at M=1, is not reached. Halving the program's instructions (1136
--> 688 a thread, offline count with `benchmarks/dump_ttir.py`) gained ~4% alone, so the issue
-rate is not the bound; latency and overlap are (short programs, a separate split-K sum).
+With ``x_planes`` as well (`TileConfig.x_planes`), x comes in byte planes, ``[M * 4, k/8]``
+int32 (plane j holds the x word of byte j of each weight word; one small transpose of x in
+XLA, which can join x's producer fusion), and each K step is one ``[block_n, block_k/8]`` word
+tile. Every plane's slice is then contiguous, loaded as a row-broadcast ``[block_n, ...]`` tile
+in the weight tile's own layout, so that a thread loads its x in 16-byte vectors once for all
+the rows it holds (without planes: four scalar loads a weight word, for each row). The words'
+unscaled sums (`byte_lut.pair_dot_sums`) are added a block and scaled once a block. The table
+words come as ``[1, block_k/32, 1]`` tiles against ``[rows, words/4, 4]`` views of the tiles:
+one register a table word in each thread (168 -> 86 registers at 16 rows, 1 warp).
+
+Measured (H200, jax 0.11.2, NF4 + double quant, bitsandbytes 0.50 in the same run, device-side,
+each call timed whole: `experiments/bench_kernels.timing_loop`; 2026-12-03, run29,
+`benchmarks/README.md`): at M=1 the x_planes row (8 rows, 256-wide K steps, 8 K splits, 1 warp,
+one step ahead) takes 0.0173 ms = 0.66x XLA cuBLAS bf16 at K=4096 N=11008 (1.35 TB/s of packed
+weight; bitsandbytes 0.91x), 0.66x at K=11008 N=4096 (bitsandbytes 0.95x) and 0.90x at
+K=N=4096 (bitsandbytes 1.03x); the call includes XLA's split-K sum and x's transpose. The
+same tile without x_planes took 0.74x / 0.96x / 0.93x in the same sweep. At M=4 and M=16 the dot
+config (128 rows, 64-wide steps, 16 splits, 4 warps) takes 0.99-1.11x (bitsandbytes
+2.3-3.5x). Plain XLA dequantize->dot takes 7-9x. The target, 0.40x bf16 at M=1, is not reached:
+Nsight Compute (run26) puts the x_planes kernel at ~28% of DRAM bandwidth with 0.5
+instructions issued a cycle per scheduler (~36 SASS instructions a weight word, of them ~22
+for the lookup), so it is bound by latency and issue, not bytes.
 """
 
 from __future__ import annotations
@@ -71,8 +84,14 @@ def uses_pair_fma(cfg: TileConfig, dtype) -> bool:
     return cfg.pair_fma and uses_x_words(cfg, dtype)
 
 
+def uses_x_planes(cfg: TileConfig, dtype) -> bool:
+    """Whether the pair_fma path takes x in byte planes and each K step as one word tile
+    (`TileConfig.x_planes`)."""
+    return cfg.x_planes and uses_pair_fma(cfg, dtype)
+
+
 def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, steps_per_split: int,
-            x_words: bool, pair_fma: bool, interpret: bool):
+            x_words: bool, pair_fma: bool, x_planes: bool, interpret: bool):
     *w_refs, o_ref = refs
     codes_ref, scale_refs, lut_ref = _common.split_weight_refs(spec, w_refs[:n_in], cfg.lut)
     bn, bk = cfg.block_n, cfg.block_k
@@ -127,33 +146,70 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         # registers. With ``cfg.prefetch = d`` the loop carries the weight tiles of the next d
         # steps (a register pipeline) so that their loads are in flight during this step's
         # arithmetic; x is small and cache-resident, and is loaded where it is used.
-        q = sb // 8
         table_ref = w_refs[n_in]
-        table = [table_ref[pl.ds(i, 1), :] for i in range(byte_lut.N_TABLE_WORDS)]
+        if x_planes:
+            # A K step is one [bn, bk/8] word tile (nb whole blocks of q words) and x comes as
+            # byte planes [M * 4, k/8] (plane j holds the x word of byte j of each weight word),
+            # so that each plane's tile is a contiguous slice, loaded in 16-byte vectors, that
+            # every row of the weight shares: a thread holding several rows loads its x once for
+            # all of them. The words' unscaled dots are summed a block, then scaled once a block,
+            # into [bn, nb] float32 sums.
+            q, nb, w = spec.block_size // 8, bk // spec.block_size, bk // 8
+            # The pair dots run on [bn, w/4, 4] views (4 words: a thread's 16-byte vector), with
+            # the table words as [1, w/4, 1] tiles: one register a table word in each thread, from
+            # addresses that differ between threads (a [1, w] tile would hold a copy for each of
+            # a thread's 4 words; a [1, 1] tile is warp-uniform, and ptxas then keeps it in a
+            # uniform register and copies it back before every permute that reads it).
+            table = [table_ref[pl.ds(i, 1), :, :] for i in range(byte_lut.N_TABLE_WORDS)]
+            acc_shape = (bn, nb)
 
-        def word_offsets(step, j):
-            """(x word = packed byte, packed word, block column) of sub-step j of ``step``."""
-            _, kbyte, kblock = offsets(step, j)
-            return kbyte, step * (bk // 8) + j * (sb // 8), kblock
+            def load_step(step):
+                ws = codes_ref.at[pl.ds(n0, bn), pl.ds(step * w, w)]
+                wt = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
+                return wt, _common.load_block_scales(spec, scale_refs, n0, bn, step * nb, mask_n, cols=nb)
 
-        def load_step(step):
-            tiles = []
-            for j in range(bk // sb):
-                _, kw, kblock = word_offsets(step, j)
-                tiles.append(packed_tile(kw, kblock, q))
-            return tuple(tiles)
-
-        def add_step(step, tiles, accs):
-            accs = list(accs)
-            for j, (wt, scales) in enumerate(tiles):
-                kx, _, _ = word_offsets(step, j)
+            def add_step(step, tiles, accs):
+                wt, scales = tiles
+                out = []
                 for r in range(m):
-                    xs = [x_ref[pl.ds(row0 + r, 1), pl.ds(kx + b, q, stride=4)] for b in range(4)]
-                    accs[r] = byte_lut.pair_dot_accumulate(wt, xs, scales[:, None], accs[r], table,
-                                                           interpret=interpret)
-            return tuple(accs)
+                    # [bn, w] tiles of one x row (a zero row stride): loaded in the weight tile's
+                    # own layout (a [1, w] tile gets another, and the weight tile would be
+                    # converted to it through shared memory every step)
+                    cols = step * w + jnp.arange(w, dtype=jnp.int32)[None, :]
+                    xs = [pltriton.load(x_ref.at[jnp.full((bn, 1), 4 * r + j, jnp.int32), cols])
+                          for j in range(4)]
+                    dots = byte_lut.pair_dot_sums(wt.reshape(bn, w // 4, 4), [x.reshape(bn, w // 4, 4) for x in xs],
+                                                  table, interpret=interpret)
+                    out.append(accs[r] + dots.reshape(bn, nb, q).sum(axis=2) * scales)
+                return tuple(out)
+        else:
+            q = sb // 8
+            table = [table_ref[pl.ds(i, 1), :] for i in range(byte_lut.N_TABLE_WORDS)]
+            acc_shape = (bn, q)
 
-        acc0 = tuple(jnp.zeros((bn, q), jnp.float32) for _ in range(m))
+            def word_offsets(step, j):
+                """(x word = packed byte, packed word, block column) of sub-step j of ``step``."""
+                _, kbyte, kblock = offsets(step, j)
+                return kbyte, step * (bk // 8) + j * (sb // 8), kblock
+
+            def load_step(step):
+                tiles = []
+                for j in range(bk // sb):
+                    _, kw, kblock = word_offsets(step, j)
+                    tiles.append(packed_tile(kw, kblock, q))
+                return tuple(tiles)
+
+            def add_step(step, tiles, accs):
+                accs = list(accs)
+                for j, (wt, scales) in enumerate(tiles):
+                    kx, _, _ = word_offsets(step, j)
+                    for r in range(m):
+                        xs = [x_ref[pl.ds(row0 + r, 1), pl.ds(kx + b, q, stride=4)] for b in range(4)]
+                        accs[r] = byte_lut.pair_dot_accumulate(wt, xs, scales[:, None], accs[r], table,
+                                                               interpret=interpret)
+                return tuple(accs)
+
+        acc0 = tuple(jnp.zeros(acc_shape, jnp.float32) for _ in range(m))
         depth = int(cfg.prefetch)
         if depth:
             # steps past the split's last reload that last step (in bounds; an L2 hit) rather
@@ -257,7 +313,8 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
       codes, absmax, absmax_scale, absmax_offset: the packed weight (see `nf4_matmul`).
       spec: the weight's static description.
       config: ``block_n``, ``block_k`` (power of two dividing k), ``split_k``, ``use_dot``
-        (forced on for M > 4), ``lut``, ``num_warps``, ``num_stages``.
+        (forced on for M > 4), ``lut``, ``pair_fma``, ``prefetch``, ``x_planes`` (``block_k`` a
+        multiple of the block size), ``num_warps``, ``num_stages``.
       interpret: run with the Pallas HLO interpreter (CPU tests).
     Returns:
       y: [M, spec.n] with x's dtype.
@@ -278,20 +335,33 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
     ins, n_in = _common.kernel_inputs(spec, codes, absmax, absmax_scale, absmax_offset, config.lut)
     x_words = uses_x_words(config, x.dtype)
     pair_fma = uses_pair_fma(config, x.dtype)
+    x_planes = uses_x_planes(config, x.dtype)
     if pair_fma:
         # the packed weight as int32 words of 4 bytes (a bitcast of the same bytes), and the
-        # table words the kernel loads once
+        # table words the kernel loads once, as tiles of the width its word tiles have
         sb = min(config.block_k, spec.block_size)
         if sb % 8:
             raise ValueError(f"pair_fma needs K sub-steps of >= 8 weights, got {sb}")
+        if x_planes and bk % spec.block_size:
+            raise ValueError(f"x_planes needs K steps of whole blocks: block_k={bk} is not a multiple "
+                             f"of block_size={spec.block_size}")
         rows = ins[0].shape[0]
         ins[0] = jax.lax.bitcast_convert_type(ins[0].reshape(rows, spec.k // 8, 4), jnp.int32)
-        ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, sb // 8))]
+        if x_planes:   # [N_TABLE_WORDS, bk/32, 1]: one word a thread's 4-word vector
+            ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, bk // 32)[:, :, None])]
+        else:
+            ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, sb // 8))]
     x_in = x
     if x_words:   # int32 [M, k/2] view of the bf16 pairs (a bitcast; no copy when K' == k)
         x_in = jax.lax.bitcast_convert_type(x[:, : spec.k].reshape(m, spec.k // 2, 2), jnp.int32)
+    if x_planes:
+        # x as byte planes [M * 4, k/8] (row 4r + j for row r of x): x word 4i + j pairs with
+        # byte j of weight word i. One small transpose of x, which XLA can fuse into x's
+        # producer (in the kernel, Triton would convert the weight tile to x's layout instead).
+        x_in = x_in.reshape(m, spec.k // 8, 4).transpose(0, 2, 1).reshape(m * 4, spec.k // 8)
     kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, steps_per_split=steps,
-                               x_words=x_words, pair_fma=pair_fma, interpret=interpret)
+                               x_words=x_words, pair_fma=pair_fma, x_planes=x_planes,
+                               interpret=interpret)
     if split_k > 1:
         out_shape = jax.ShapeDtypeStruct((split_k, m, spec.n), jnp.float32)
     else:

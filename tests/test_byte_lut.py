@@ -184,6 +184,25 @@ def test_pair_dot_is_close_to_the_exact_dot():
     assert np.max(err / size) > 0   # the bf16 chain does round
 
 
+def test_pair_dot_sums_are_the_unscaled_chain():
+    """`pair_dot_sums` (no scale, no running sum) is, bit for bit, `pair_dot_accumulate` with
+    scale 1 and a zero sum (``fma(even, 1, 0) = even`` exactly, then ``odd + even`` rounded
+    once either way), on 2-d tiles and on the kernel's [rows, w/4, 4] views with [1, w/4, 1]
+    table tiles."""
+    packed, words, x_tiles, scale, acc, x = _pair_dot_inputs(6)
+    want = _pair_dot(words, x_tiles, np.ones_like(scale), np.zeros_like(acc))
+    got = np.asarray(byte_lut.pair_dot_sums(jnp.asarray(words), [jnp.asarray(t) for t in x_tiles], _table_args(),
+                                            interpret=True))
+    np.testing.assert_array_equal(got, want)
+    table3 = [jnp.full((1, 2, 1), w, jnp.int32) for w in _table_args()]
+    got3 = byte_lut.pair_dot_sums(jnp.asarray(words).reshape(64, 2, 4),
+                                  [jnp.asarray(t).reshape(64, 2, 4) for t in x_tiles], table3, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got3).reshape(64, 8), want)
+    assert np.all(np.isfinite(got)) and np.any(got != 0)
+    with pytest.raises(ValueError, match="4 x word tiles"):
+        byte_lut.pair_dot_sums(jnp.asarray(words), x_tiles[:3], _table_args(), interpret=True)
+
+
 def test_pair_dot_rejects_bad_operands():
     _, words, x_tiles, scale, acc, _ = _pair_dot_inputs(5)
     with pytest.raises(ValueError, match="int32"):

@@ -204,6 +204,16 @@ DECODE_CASES = [
                                          pair_fma=True, prefetch=3)),
     (15, 2, 72, 512, 64, 256, TileConfig(block_n=32, block_k=128, split_k=2, use_dot=False, lut="prmt",
                                          pair_fma=True, prefetch=3)),
+    # x in byte planes, one word tile a K step (x_planes): ragged N, blocks of 32/64/128, double
+    # quant with 64 and 256 blocks a scale and without, no split and 2-3 splits, prefetch 0-2
+    (14, 1, 72, 1024, 64, 256, TileConfig(block_n=16, block_k=256, split_k=1, num_warps=2, use_dot=False,
+                                          lut="prmt", pair_fma=True, prefetch=1, x_planes=True)),
+    (13, 3, 40, 512, 32, 64, TileConfig(block_n=8, block_k=128, split_k=2, num_warps=1, use_dot=False,
+                                        lut="prmt", pair_fma=True, x_planes=True)),
+    (12, 2, 64, 768, 128, None, TileConfig(block_n=32, block_k=256, split_k=1, use_dot=False, lut="prmt",
+                                           pair_fma=True, prefetch=2, x_planes=True)),
+    (11, 1, 100, 768, 64, 256, TileConfig(block_n=16, block_k=128, split_k=3, num_warps=2, use_dot=False,
+                                          lut="prmt", pair_fma=True, prefetch=1, x_planes=True)),
 ]
 
 
@@ -359,6 +369,12 @@ LOWERING_CASES = [
      TileConfig(block_n=64, block_k=256, split_k=2, use_dot=False, lut="prmt", pair_fma=True, prefetch=1)),
     ("decode", 1, 200, 2048, 64, 256, jnp.bfloat16,
      TileConfig(block_n=8, block_k=256, split_k=1, use_dot=False, lut="prmt", pair_fma=True, prefetch=3)),
+    ("decode", 1, 200, 2048, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=16, block_k=1024, split_k=1, use_dot=False, lut="prmt", pair_fma=True, prefetch=1,
+                x_planes=True)),
+    ("decode", 2, 200, 1024, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=32, block_k=256, split_k=2, num_warps=2, use_dot=False, lut="prmt", pair_fma=True,
+                x_planes=True)),
     ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="tree")),
 ]
 
@@ -492,6 +508,19 @@ def test_config_overrides():
     assert cfg.with_overrides([]) == cfg
     with pytest.raises(ValueError, match="unknown TileConfig field 'blocks'"):
         cfg.with_overrides(["blocks=2"])
+
+
+def test_x_planes_needs_whole_blocks():
+    """x_planes takes K steps of whole quantization blocks; a narrower step is refused by name.
+    On float16 x (no word path) the knob is ignored, and the result still matches."""
+    p = Problem(9, 40, 256, 128, None)
+    x, x64 = p.activations(1, 256)
+    cfg = TileConfig(block_n=8, block_k=64, split_k=1, use_dot=False, lut="prmt", pair_fma=True, x_planes=True)
+    with pytest.raises(ValueError, match="block_k=64 is not a multiple of block_size=128"):
+        pk.nf4_decode(x, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
+    x16 = x.astype(jnp.float16)
+    y = pk.nf4_decode(x16, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
+    check(y, (1, 40), pk.nf4_decode_reference(x16, *p.arrays, spec=p.spec), x64 @ p.w64.T)
 
 
 # ------------------------------------------------------------------------------------------
