@@ -19,7 +19,10 @@ A `TileConfig` holds every knob; each kernel reads the fields it uses:
   or multiply-and-reduce on the CUDA cores), ``pair_fma`` (on the CUDA-core path with bf16 x:
   sum each 4 bytes' products in packed bf16x2 FMAs before float32; `byte_lut.pair_dot_program`),
   ``prefetch`` (with ``pair_fma``: how many K steps' weight tiles the loop carries ahead of the
-  one it multiplies, 0 for none; ``True`` reads as 1).
+  one it multiplies, 0 for none; ``True`` reads as 1), ``x_planes`` (with ``pair_fma``: x comes in
+  byte planes, plane j the x words of byte j of each weight word, and a K step is one word tile,
+  so that x is loaded in vectors, once for all the rows a thread holds; ``block_k`` a multiple
+  of the block size).
 - all: ``num_warps``, ``num_stages`` (Triton), ``lut`` (see `pallas_kernels._common.LUT_MODES`).
 
 `get_config` looks up ``TABLE`` by device family (from ``jax.devices()[0].device_kind``) and op,
@@ -57,6 +60,7 @@ class TileConfig:
     swap_ab: bool = False
     dequant_first: bool = False
     decode_kn: bool = False
+    x_planes: bool = False
 
     def replace(self, **kwargs) -> "TileConfig":
         return dataclasses.replace(self, **kwargs)
@@ -144,10 +148,33 @@ _INF = 1 << 62
 #   1.07x / 1.09x; its decode alone is slower (0.042 against 0.034 ms at 4096x11008). A 0-5%
 #   edge in one sweep is inside the run-to-run spread, and the training step was measured on
 #   the [N, K] decoder, so the rows keep it; decode_kn stays a knob for the next sweep.
+# - 2026-12-03 (second session): Nsight Compute on the M=1 row (run25, K=4096 N=11008): 19.9 us,
+#   24% of DRAM bandwidth, L1 67% busy, 0.47 instructions issued a cycle per scheduler, 31%
+#   theoretical occupancy (96 registers); each weight word cost four scalar x loads. Round 9
+#   (run26): ``x_planes`` (x in byte planes, one word tile a K step, x loaded in 16-byte vectors
+#   once for all the rows a thread holds): the same tile with x_planes takes 0.59x / 0.69x /
+#   0.86x bf16 (K=4096 N=11008 / K=11008 N=4096 / K=N=4096) against 0.72x / 0.93x / 1.03x for
+#   the round-8 row in the same sweep; Nsight Compute: L1 27% busy, DRAM 28%, 168 registers.
+#   Without a split (16 rows, 1024-wide steps, 4 warps) 0.60x / 1.66x / 0.83x. Round 9b (run27,
+#   12 x_planes configs around it): best mean 16 rows, 256-wide steps, 8 splits, 1 warp, one step
+#   ahead: 0.58x / 0.69x / 0.84x (32 rows and 2 warps 0.59x / 0.69x / 0.85x; the round-8 row
+#   0.71x / 0.93x / 1.08x). Table run (same call, bitsandbytes 0.50 beside it): M=1 0.57x /
+#   0.68x / 0.83x bf16, bitsandbytes 0.91x / 0.99x / 1.25x. Round 9c (run28): the table words as
+#   one register a thread (168 -> 86-128 registers), best mean 8 rows, 1 warp.
+#   Those timings (and every decode timing before them) were too kind to split-K: the timing
+#   loop read one element of each output, and XLA shrank the split-K sum to that element and
+#   computed x's planes (a 2.3 us transpose kernel, Nsight Compute) once for all calls
+#   (`benchmarks/gpu/loop_hlo.py`). Round 10 (run29) times each call whole (its outputs pass a
+#   barrier, each call has its own x): best mean 8 rows, 256-wide steps, 8 splits, 1 warp, one
+#   step ahead, x_planes: 0.64x / 0.65x / 0.87x bf16 (the round-8 row without x_planes 0.74x /
+#   0.96x / 0.93x; no split, 1024-wide steps: 0.73x / 2.0x / 1.0x). Table run (same call,
+#   bitsandbytes beside it): M=1 0.66x / 0.66x / 0.90x bf16 (17.3 / 17.1 / 9.4 us),
+#   bitsandbytes 0.91x / 0.95x / 1.03x; M=4 and 16 (the dot rows) 0.99-1.11x, bitsandbytes
+#   2.3-3.5x. Where x comes from a fusion (a norm), the planes' transpose can join it.
 _HOPPER = {
     "decode": (
-        Entry(1, TileConfig(block_n=32, block_k=256, split_k=8, num_warps=2, num_stages=1, lut="prmt",
-                            use_dot=False, pair_fma=True, prefetch=1), True),
+        Entry(1, TileConfig(block_n=8, block_k=256, split_k=8, num_warps=1, num_stages=1, lut="prmt",
+                            use_dot=False, pair_fma=True, prefetch=1, x_planes=True), True),
         Entry(4, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
                             use_dot=True), True),
         Entry(16, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
