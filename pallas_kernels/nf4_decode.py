@@ -170,12 +170,12 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
 
             def add_step(step, tiles, accs):
                 wt, scales = tiles
+                cols = step * w + jnp.arange(w, dtype=jnp.int32)[None, :]
                 out = []
                 for r in range(m):
                     # [bn, w] tiles of one x row (a zero row stride): loaded in the weight tile's
                     # own layout (a [1, w] tile gets another, and the weight tile would be
                     # converted to it through shared memory every step)
-                    cols = step * w + jnp.arange(w, dtype=jnp.int32)[None, :]
                     xs = [pltriton.load(x_ref.at[jnp.full((bn, 1), 4 * r + j, jnp.int32), cols])
                           for j in range(4)]
                     dots = byte_lut.pair_dot_sums(wt.reshape(bn, w // 4, 4), [x.reshape(bn, w // 4, 4) for x in xs],
@@ -347,10 +347,9 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
                              f"of block_size={spec.block_size}")
         rows = ins[0].shape[0]
         ins[0] = jax.lax.bitcast_convert_type(ins[0].reshape(rows, spec.k // 8, 4), jnp.int32)
-        if x_planes:   # [N_TABLE_WORDS, bk/32, 1]: one word a thread's 4-word vector
-            ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, bk // 32)[:, :, None])]
-        else:
-            ins = [*ins, jnp.asarray(byte_lut.table_tile(spec.code_table, jnp.bfloat16, sb // 8))]
+        # x_planes: [N_TABLE_WORDS, bk/32, 1], one word a thread's 4-word vector
+        table = byte_lut.table_tile(spec.code_table, jnp.bfloat16, bk // 32 if x_planes else sb // 8)
+        ins = [*ins, jnp.asarray(table[:, :, None] if x_planes else table)]
     x_in = x
     if x_words:   # int32 [M, k/2] view of the bf16 pairs (a bitcast; no copy when K' == k)
         x_in = jax.lax.bitcast_convert_type(x[:, : spec.k].reshape(m, spec.k // 2, 2), jnp.int32)

@@ -72,12 +72,9 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, i
             wp = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
             scales = _common.load_block_scales(spec, scale_refs, n0, bn, kblock, mask_n)
             w = _common.dequant_tile(spec, wp, scales, xt.dtype, cfg.lut, lut_ref, interpret=interpret)
-            if cfg.swap_ab:   # yᵀ tile [bn, bm] = w · xtᵀ: the decoded tile is the register operand
-                acc += jax.lax.dot_general(w, xt, (((1,), (1,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
-            else:
-                acc += jax.lax.dot_general(xt, w, (((1,), (1,)), ((), ())),
-                                           preferred_element_type=jnp.float32)
+            # swap_ab: the yᵀ tile [bn, bm] = w · xtᵀ, so that the decoded tile is the register operand
+            lhs, rhs = (w, xt) if cfg.swap_ab else (xt, w)
+            acc += jax.lax.dot_general(lhs, rhs, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
         return acc
 
     acc = jax.lax.fori_loop(0, k // bk, body,
