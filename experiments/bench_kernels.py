@@ -354,6 +354,16 @@ def sweep_candidates(op: str, m: int) -> list:
         # warps), beside the [N, K] dequantize kernel of round 3's winner
         base = C(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3, lut="prmt",
                  dequant_first=True)
+        if op == "forward":
+            # Round 5 (2026-12-03, third session): the warp-specialised Mosaic GPU kernel
+            # (``mosaic``, `pallas_kernels.nf4_matmul_mgpu`; runs 30-34 of mgpu_probe picked 256
+            # rows of x, 64 weight rows a warpgroup, 64-wide K steps) over stages and walk bands,
+            # beside dequant_first (the table's row) and its [K, N] decoder
+            # (block_m, block_n, block_k, stages, group_m)
+            grid = [(256, 64, 64, 4, 8), (256, 64, 64, 4, 16), (256, 64, 64, 3, 8)]
+            return [base, base.replace(decode_kn=True)] + [
+                base.replace(block_m=bm, block_n=bn, block_k=bk, num_stages=ns, group_m=g, mosaic=True)
+                for bm, bn, bk, ns, g in grid]
         return [base] + [base.replace(block_n=bn, block_k=bk, num_warps=nw, decode_kn=True)
                          for bn, bk, nw in [(128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8)]]
     if op in ("forward", "input_grad"):
@@ -378,7 +388,8 @@ def sweep_candidates(op: str, m: int) -> list:
 SWEEP_CASES = [("decode", 4096, 11008, 1), ("decode", 11008, 4096, 1), ("decode", 4096, 4096, 1),
                ("decode", 4096, 11008, 4), ("decode", 4096, 11008, 16),
                ("forward", 4096, 11008, 4096), ("input_grad", 4096, 11008, 4096),
-               ("forward", 4096, 4096, 4096), ("input_grad", 4096, 4096, 4096)]
+               ("forward", 4096, 4096, 4096), ("input_grad", 4096, 4096, 4096),
+               ("forward", 11008, 4096, 4096), ("forward", 4096, 11008, 2048), ("forward", 4096, 4096, 2048)]
 SWEEP_OPS = ("decode", "forward", "input_grad")
 
 
@@ -460,7 +471,7 @@ def _cfg_str(c) -> str:
             f"{c.lut}{' dot' if c.use_dot else ''}{' pair_fma' if c.pair_fma else ''}"
             f"{f' prefetch{int(c.prefetch)}' if c.prefetch else ''}{' swap_ab' if c.swap_ab else ''}"
             f"{' dequant_first' if c.dequant_first else ''}{' decode_kn' if c.decode_kn else ''}"
-            f"{' x_planes' if c.x_planes else ''}")
+            f"{' x_planes' if c.x_planes else ''}{' mosaic' if c.mosaic else ''}")
 
 
 # ------------------------------------------------------------------------------------------

@@ -14,21 +14,23 @@ Entry points:
 - `matmul_nt` — ``y = x · deq(W)ᵀ`` (forward; the decode kernel for M <= 16);
 - `matmul_nn` — ``dx = dy · deq(W)`` (input gradient).
 
-Above the decode sizes a tuning-table row may say ``dequant_first``: then `matmul_nt` and
-`matmul_nn` decode the weight with a Pallas kernel and leave the product to XLA's dot
-(cuBLAS), `pallas_kernels.dequant_first`; that path holds the decoded weight in device memory
-for the call, which the fused kernels never do.
+Above the decode sizes a tuning-table row may say ``mosaic``: then `matmul_nt` runs the
+warp-specialised Mosaic GPU kernel, `pallas_kernels.nf4_matmul_mgpu`, where it serves the
+shape; or ``dequant_first``: then `matmul_nt` and `matmul_nn` decode the weight with a Pallas
+kernel and leave the product to XLA's dot (cuBLAS), `pallas_kernels.dequant_first`; that path
+holds the decoded weight in device memory for the call, which the fused kernels never do.
 
 The same, for a weight object with ``codes, absmax, absmax_scale, absmax_offset, shape, format,
 block_size, dq_block_size`` attributes (a ``qlora_jax.QuantizedArray``, duck-typed: no import):
 `supports`, `dequant_matmul`, `dequant_matmul_t` (the contract ``qlora_jax.ops`` currently calls).
 
 Kernels (one a module, each with a plain-JAX ``*_reference`` beside it): `nf4_matmul`,
-`nf4_matmul_dx`, `nf4_decode`; `dequant_first` (a decode kernel, then XLA's dot); tile
-configurations in `tuning`; the 4-bit lookup they share in `byte_lut` (byte permutes in inline
-PTX, with a jnp model of the same operations for interpret mode). All use the Triton lowering of
-``pl.pallas_call`` with explicit compiler params (see `pallas_kernels.nf4_matmul` for why), and
-all run on CPU with ``interpret=True`` for tests.
+`nf4_matmul_dx`, `nf4_decode`, `nf4_matmul_mgpu`; `dequant_first` (a decode kernel, then XLA's
+dot); tile configurations in `tuning`; the 4-bit lookup they share in `byte_lut` (byte permutes
+in inline PTX, with a jnp model of the same operations for interpret mode). `nf4_matmul_mgpu` is
+Mosaic GPU (``plgpu.kernel``; its module docstring says why); the others use the Triton lowering
+of ``pl.pallas_call`` with explicit compiler params (see `pallas_kernels.nf4_matmul` for why).
+All run on CPU in an interpreter for tests (``interpret=True``).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _common, dequant_first, tuning
+from pallas_kernels import _common, dequant_first, nf4_matmul_mgpu, tuning
 from pallas_kernels._common import DYNAMIC_MAP, QuantSpec, dequantize_reference, make_spec
 from pallas_kernels.nf4_decode import nf4_decode, nf4_decode_reference
 from pallas_kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference
@@ -127,8 +129,12 @@ def _pick(config: TileConfig | None, op: str, m: int, n: int, k: int, block_size
 
 def _training_product(a: jax.Array, weight: tuple, spec: QuantSpec, cfg: TileConfig, transposed: bool,
                       out_dtype: Any, interpret: bool) -> jax.Array:
-    """The product above the decode sizes (``transposed``: the input gradient): the dequant_first
-    path where ``cfg`` asks for it and it can serve ``a``'s dtype, else the fused kernel."""
+    """The product above the decode sizes (``transposed``: the input gradient): the Mosaic GPU
+    forward kernel where ``cfg`` asks for it and it serves the shape and dtype, else the
+    dequant_first path where ``cfg`` asks for it and it can serve ``a``'s dtype, else the fused
+    Triton kernel."""
+    if cfg.mosaic and not transposed and nf4_matmul_mgpu.servable(spec, a.shape[0], a.dtype, cfg):
+        return nf4_matmul_mgpu.nf4_matmul_mgpu(a, *weight, spec=spec, config=cfg, interpret=interpret)
     if cfg.dequant_first and dequant_first.servable(spec, a.dtype, cfg):
         return dequant_first.dequant_first_matmul(a, *weight, spec=spec, transposed=transposed, config=cfg,
                                                   out_dtype=out_dtype, interpret=interpret)

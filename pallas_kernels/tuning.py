@@ -23,6 +23,11 @@ A `TileConfig` holds every knob; each kernel reads the fields it uses:
   byte planes, plane j the x words of byte j of each weight word, and a K step is one word tile,
   so that x is loaded in vectors, once for all the rows a thread holds; ``block_k`` a multiple
   of the block size).
+- ``mosaic`` (forward): the warp-specialised Mosaic GPU kernel, `pallas_kernels.nf4_matmul_mgpu`
+  (the decoded weight as wgmma's register operand): ``block_m`` rows of x a CTA (<= 256),
+  ``block_n`` weight rows for each of its two computing warpgroups, ``block_k``,
+  ``num_stages`` K steps in flight, ``group_m`` the band width of its persistent grid's walk,
+  ``lut`` "prmt" or "prmt32". Where it cannot serve a shape, ``dequant_first`` (if set) does.
 - all: ``num_warps``, ``num_stages`` (Triton), ``lut`` (see `pallas_kernels._common.LUT_MODES`).
 
 `get_config` looks up ``TABLE`` by device family (from ``jax.devices()[0].device_kind``) and op,
@@ -61,6 +66,7 @@ class TileConfig:
     dequant_first: bool = False
     decode_kn: bool = False
     x_planes: bool = False
+    mosaic: bool = False
 
     def replace(self, **kwargs) -> "TileConfig":
         return dataclasses.replace(self, **kwargs)
@@ -171,6 +177,18 @@ _INF = 1 << 62
 #   bitsandbytes beside it): M=1 0.66x / 0.66x / 0.90x bf16 (17.3 / 17.1 / 9.4 us),
 #   bitsandbytes 0.91x / 0.95x / 1.03x; M=4 and 16 (the dot rows) 0.99-1.11x, bitsandbytes
 #   2.3-3.5x. Where x comes from a fusion (a norm), the planes' transpose can join it.
+# - 2026-12-03 (third session): the forward as a warp-specialised Mosaic GPU kernel
+#   (`pallas_kernels.nf4_matmul_mgpu`, ``mosaic``; benchmarks/gpu/mgpu_probe.py, runs 30-34, 37):
+#   the decoded weight as wgmma's register operand, 256 rows of x a CTA, 64 weight rows a
+#   computing warpgroup, 64-wide K steps, 4 stages: 1.02-1.25x bf16 at M=2048-4096 (a decoded
+#   tile through shared memory: 1.29-1.63x; the wgmma left in flight over the next step's
+#   decode: wrong results, runs 34 and 37). Round 5 (run35, against dequant_first in one
+#   sweep): best mean at M=2048 the Mosaic GPU kernel (1.13x / 1.17x at K=4096 N=11008 /
+#   K=N=4096, dequant_first 1.23x / 1.21x); at M=4096 dequant_first with the [K, N] decoder
+#   (1.16x mean, the Mosaic GPU configs 1.19-1.20x, dequant_first [N, K] 1.17x). So the kernel
+#   takes 1024 < M <= 2048 (M=1024 unmeasured for it) and dequant_first keeps the rest. Table
+#   run (run36): M=2048 1.13-1.20x bf16, bitsandbytes 1.19-1.30x; M=1024 and 4096 (dequant_first)
+#   1.18-1.35x.
 _HOPPER = {
     "decode": (
         Entry(1, TileConfig(block_n=8, block_k=256, split_k=8, num_warps=1, num_stages=1, lut="prmt",
@@ -183,6 +201,12 @@ _HOPPER = {
     "forward": (
         Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt",
                              dequant_first=True), True),
+        Entry(1024, TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
+                               lut="prmt", dequant_first=True), True),
+        # the Mosaic GPU kernel where the forward sweep measured it fastest (M=2048); shapes it
+        # cannot serve (M not a multiple of 256, N of 128) fall back to dequant_first
+        Entry(2048, TileConfig(block_m=256, block_n=64, block_k=64, group_m=8, num_stages=4, lut="prmt",
+                               mosaic=True, dequant_first=True), True),
         Entry(_INF, TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
                                lut="prmt", dequant_first=True), True),
     ),

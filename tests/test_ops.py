@@ -356,23 +356,49 @@ def test_pallas_dispatch_path_agrees_with_xla(monkeypatch, supported):
         np.testing.assert_allclose(np.asarray(gi), np.asarray(gx), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("m", [4, 16, 512])
-def test_gpu_auto_backend_agrees_with_xla(m):
-    """On the GPU, "auto" takes the Pallas kernels where they claim the shape (by the current
-    tuning table: the decode kernel up to M=16, dequant_first above); values and gradients must
-    equal the plain XLA path's."""
-    x, w_q, a, b, bias, w64 = _problem(512, 384, 8, (m,), seed=4)
-    cot = _rand(13, (m, 384))
+def _auto_agrees_with_xla(m: int, seed: int):
+    """qlora_matmul's value and vjp with backend "auto" against "xla" (relative 1e-2) on a
+    512 -> 384 layer with M = m rows; returns the problem and the "auto" value."""
+    x, w_q, a, b, bias, w64 = _problem(512, 384, 8, (m,), seed=seed)
+    cot = _rand(seed + 9, (m, 384))
 
     def run(backend):
         f = lambda x, a, b: qlora_matmul(x, w_q, a, b, 0.5, bias=bias, backend=backend)
         y, vjp = jax.vjp(f, x, a, b)
         return (y, *vjp(cot.astype(y.dtype)))
 
-    for got, want in zip(run("auto"), run("xla")):
+    auto = run("auto")
+    for got, want in zip(auto, run("xla")):
         _close(got.astype(F32), np.asarray(want.astype(F32), np.float64), 1e-2)
-    _close(run("auto")[0].astype(F32), _ref(x, w64, a, b, 0.5, bias), 1e-2)
+    return (x, w64, a, b, bias), auto[0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [4, 16, 512])
+def test_gpu_auto_backend_agrees_with_xla(m):
+    """On the GPU, "auto" takes the Pallas kernels where they claim the shape (by the current
+    tuning table: the decode kernel up to M=16, dequant_first above); values and gradients must
+    equal the plain XLA path's."""
+    (x, w64, a, b, bias), y = _auto_agrees_with_xla(m, seed=4)
+    _close(y.astype(F32), _ref(x, w64, a, b, 0.5, bias), 1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_mosaic_forward_agrees_with_xla(monkeypatch):
+    """The Mosaic GPU forward kernel as the tuning table's training row (whichever row the table
+    holds now): values and gradients through qlora_matmul equal the plain XLA path's."""
+    import pallas_kernels
+    from pallas_kernels import nf4_matmul_mgpu, tuning
+
+    cfg = tuning.TileConfig(block_m=256, block_n=64, block_k=64, num_stages=4, group_m=8, lut="prmt", mosaic=True,
+                            dequant_first=True)
+    monkeypatch.setitem(tuning._HOPPER, "forward", (tuning.Entry(1 << 62, cfg, True),))
+    calls = []
+    kernel = nf4_matmul_mgpu.nf4_matmul_mgpu
+    monkeypatch.setattr(nf4_matmul_mgpu, "nf4_matmul_mgpu", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    _auto_agrees_with_xla(512, seed=5)
+    assert calls and all(c == (512, 512) for c in calls), calls
+    assert pallas_kernels.get_config("forward", 512, 384, 512, 64).mosaic
 
 
 # --------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from jax.experimental import pallas as pl
 
 import pallas_kernels as pk
 from pallas_kernels import _common
+from pallas_kernels import nf4_matmul_mgpu as mg
 from pallas_kernels.tuning import TileConfig
 from qlora_jax import formats, quantize, dequantize
 from triton_lowering import lowers_for_h100
@@ -524,6 +525,79 @@ def test_x_planes_needs_whole_blocks():
 
 
 # ------------------------------------------------------------------------------------------
+# The Mosaic GPU forward kernel (pallas_kernels.nf4_matmul_mgpu), in Mosaic GPU's CPU interpreter:
+# uninitialised memory is NaN (outputs too), out-of-bounds reads raise, races raise. The
+# interpreter runs the jnp model of the decode and stages the decoded tile through shared
+# memory (no register operand there); the inline-PTX decode and the register operand run in
+# the GPU tests below.
+
+
+def _mgpu_cfg(bm, bn, bk, stages, lut):
+    return TileConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=stages, group_m=2, lut=lut, mosaic=True,
+                      dequant_first=True)
+
+
+# seed, m, n, k, bs, dqbs, config, CTAs of the persistent grid
+MGPU_CASES = [
+    (90, 128, 256, 256, 64, 256, _mgpu_cfg(128, 64, 64, 2, "prmt32"), 3),   # 2 tiles, 3 CTAs
+    (91, 256, 256, 384, 32, None, _mgpu_cfg(64, 64, 128, 3, "prmt"), 2),   # 8 tiles walked by 2 CTAs
+    (92, 128, 128, 512, 128, 64, _mgpu_cfg(128, 64, 64, 2, "prmt32"), 1),  # a block spans 2 K steps
+    (97, 64, 128, 512, 256, 256, _mgpu_cfg(64, 64, 64, 2, "prmt"), 2),     # 4 K steps, 1 tile, 2 CTAs
+]
+
+
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,cfg,sms", MGPU_CASES)
+def test_nf4_matmul_mgpu(seed, m, n, k, bs, dqbs, cfg, sms):
+    p = Problem(seed, n, k, bs, dqbs)
+    x, x64 = p.activations(m, k, pad_cols=0)
+    y = mg.nf4_matmul_mgpu(x, *p.arrays, spec=p.spec, config=cfg, num_sms=sms, interpret=INTERPRET)
+    # "prmt32" is exact (float32 table value times float32 scale, rounded once): only the
+    # accumulation order differs from the reference, flipping a few bf16 roundings of y;
+    # "prmt" rounds the scale to bf16 (~3.5e-3)
+    tol = 1e-3 if cfg.lut == "prmt32" else 5e-3
+    check(y, (m, n), mg.nf4_matmul_mgpu_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T, tol_ref=tol)
+
+
+def test_matmul_nt_takes_the_mosaic_kernel_where_it_serves(monkeypatch):
+    calls = []
+    kernel = mg.nf4_matmul_mgpu
+    monkeypatch.setattr(mg, "nf4_matmul_mgpu", lambda *a, **kw: calls.append(a[0].shape) or kernel(*a, **kw))
+    p = Problem(93, 128, 256, 64, 256, pad_rows=0)
+    cfg = _mgpu_cfg(64, 64, 64, 2, "prmt")
+    for m in (128, 100):   # 100 is not a multiple of block_m: dequant_first serves it
+        x, x64 = p.activations(m, 256, pad_cols=0)
+        y = pk.matmul_nt(x, *p.arrays, **_layout(p), config=cfg, interpret=INTERPRET)
+        check(y, (m, 128), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
+    assert calls == [(128, 256)]
+
+
+def test_mosaic_kernel_refuses_what_it_cannot_serve():
+    p = Problem(94, 128, 256, 64, None, pad_rows=0)
+    x, _ = p.activations(128, 256, pad_cols=0)
+    run = functools.partial(mg.nf4_matmul_mgpu, spec=p.spec, interpret=True)
+    with pytest.raises(ValueError, match="cannot compute M=100"):
+        run(x[:100], *p.arrays, config=_mgpu_cfg(64, 64, 64, 2, "prmt"))
+    with pytest.raises(ValueError, match="cannot compute"):
+        run(x.astype(jnp.float32), *p.arrays, config=_mgpu_cfg(64, 64, 64, 2, "prmt"))
+    with pytest.raises(ValueError, match="cannot compute"):   # N=128 is not 2 x 128
+        run(x, *p.arrays, config=_mgpu_cfg(64, 128, 64, 2, "prmt"))
+    with pytest.raises(ValueError, match="lut must be one of"):
+        run(x, *p.arrays, config=_mgpu_cfg(64, 64, 64, 2, "tree"))
+    with pytest.raises(ValueError, match="shared memory"):
+        run(x, *p.arrays, config=_mgpu_cfg(128, 64, 256, 8, "prmt"))
+    with pytest.raises(ValueError, match="expected k=256"):
+        run(x[:, :128], *p.arrays, config=_mgpu_cfg(64, 64, 64, 2, "prmt"))
+    with pytest.raises(ValueError, match=r"x must be \[m, k\]"):
+        run(x[None], *p.arrays, config=_mgpu_cfg(64, 64, 64, 2, "prmt"))
+    codes, absmax, _, _ = p.arrays
+    with pytest.raises(TypeError, match="codes must be uint8"):
+        run(x, codes.astype(jnp.int32), absmax, None, None, config=_mgpu_cfg(64, 64, 64, 2, "prmt"))
+    with pytest.raises(ValueError, match="codes holds"):
+        run(x, codes[:100], absmax, None, None, config=_mgpu_cfg(64, 64, 64, 2, "prmt"))
+    assert not mg.servable(p.spec, 128, jnp.bfloat16, _mgpu_cfg(512, 64, 64, 2, "prmt"))  # wgmma N <= 256
+
+
+# ------------------------------------------------------------------------------------------
 # GPU: the same kernels compiled by Triton, at real shapes
 
 
@@ -568,6 +642,29 @@ def test_gpu_dx_cases_compile(seed, m, n, k, bs, dqbs, fmt, cfg):
 @pytest.mark.parametrize("bs,dqbs,dtype,cfg", DEQUANT_FIRST_CASES)
 def test_gpu_dequant_first_path(bs, dqbs, dtype, cfg):
     test_dequant_first_path(bs, dqbs, dtype, cfg)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed,m,n,k,bs,dqbs,cfg,sms", MGPU_CASES)
+def test_gpu_mgpu_cases_compile(seed, m, n, k, bs, dqbs, cfg, sms):
+    """The interpret-mode cases compiled: the inline-PTX decode, the 4-bit relayout and the
+    register operand, which the interpreter does not run."""
+    test_nf4_matmul_mgpu(seed, m, n, k, bs, dqbs, cfg, sms)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lut", ["prmt", "prmt32"])
+@pytest.mark.parametrize("m,n,k", [(512, 11008, 4096), (256, 4096, 11008)])
+def test_gpu_mgpu_at_real_shape(lut, m, n, k):
+    """The Mosaic GPU kernel with the tuning sweep's tiles at real shapes, all SMs."""
+    p = Problem(95, n, k, 64, 256, pad_rows=0)
+    x, x64 = p.activations(m, k, pad_cols=0)
+    cfg = _mgpu_cfg(256, 64, 64, 4, lut)
+    y = mg.nf4_matmul_mgpu(x, *p.arrays, spec=p.spec, config=cfg)
+    ref = mg.nf4_matmul_mgpu_reference(x, *p.arrays, spec=p.spec)
+    print(f"{lut} M={m} N={n} K={k}: rel. err. {rel_err(y, np.asarray(ref, np.float32))} against the reference, "
+          f"{rel_err(y, x64 @ p.w64.T)} against float64")
+    check(y, (m, n), ref, x64 @ p.w64.T, tol_ref=1e-3 if lut == "prmt32" else 5e-3)
 
 
 @pytest.mark.gpu

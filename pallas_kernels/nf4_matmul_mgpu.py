@@ -1,0 +1,368 @@
+"""Fused NF4 dequant-matmul for training shapes on Hopper, in Mosaic GPU: ``y[M, N] = x[M, K] ·
+deq(W)ᵀ`` with the decoded weight as wgmma's register operand, warp-specialised so that one
+warpgroup's decode overlaps the other's tensor-core work.
+
+Why Mosaic GPU here (the other kernels are Triton): the fused Triton kernels decode each weight
+tile and run its MMA in the same warps and cannot overlap the two (Nsight Compute, 2026-12-01:
+warps stalled at CTA barriers; 1.8-1.9x cuBLAS bf16 at M=4096). Mosaic GPU expresses the
+structure: a persistent kernel (one CTA an SM walking the output tiles) of three warpgroups,
+one issuing the TMA copies of x, the packed codes and the block scales several K steps ahead,
+and two computing. Hopper's wgmma takes a register operand only on its left, so the kernel
+computes ``yᵀ = deq(W) · xᵀ``: each computing warpgroup decodes its own ``block_n`` weight rows
+of a K step into registers in wgmma's operand layout and issues
+``wgmma(accᵀ, deq(W) tile, x tileᵀ)`` with the CTA's ``block_m`` rows of x (up to 256, wgmma's
+widest N) from shared memory; while one warpgroup decodes, the other's wgmma runs. The
+accumulator, ``yᵀ``'s ``block_n × block_m`` tile, is written back through a transposed
+shared-memory view (stmatrix.trans) in 64x64 tiles and a TMA store.
+
+The decode (`_decode_tile_mgpu`) is the byte-permute lookup of `pallas_kernels.byte_lut`,
+emitted as inline PTX on the registers of a Mosaic GPU fragmented array (``plgpu.inline_mgpu``).
+The codes are loaded 4 bytes (8 consecutive codes) a register (layout ``WGMMA_8BIT``), viewed
+as a 4-bit array in layout ``WGMMA_UPCAST_4X`` (the same registers), and moved into the WGMMA
+layout by Mosaic GPU's own 4-bit relayout, which moves whole bytes; then 4 bytes of a row and
+block make one word for the program, whose 4 output words are the operand's bf16 pairs. With
+``lut="prmt"`` the table values and the scale are bf16 and multiplied in bf16x2 arithmetic
+(`byte_lut.pairs_program`, one more rounding than the reference: ~3.5e-3 relative to it);
+``"prmt32"`` is exact, float32 values times the float32 scale rounded once, bit for bit
+`pallas_kernels._common.dequantize_reference` (`byte_lut.words_program`, ~1.6x the instructions).
+
+Measured on one H200 (jax 0.11.2, 2026-12-03, `benchmarks/gpu/mgpu_probe.py` runs 30-34 and
+37, `experiments/bench_kernels.py` runs 35-36; benchmarks/README.md): with ``block_m=256,
+block_n=64, block_k=64``, 4 stages, "prmt": 1.02-1.25x cuBLAS bf16 at M=2048-4096 (up to
+655 TFLOP/s), about as fast as the decode-then-cuBLAS path (`pallas_kernels.dequant_first`)
+and without its bf16 copy of the weight: faster at M=2048 (1.13-1.17x against 1.21-1.23x in
+one sweep), a little slower at M=4096 (1.18-1.24x against 1.07-1.23x), so the tuning table
+takes it at M=2048. "prmt32" costs 1.25-1.49x: the decode is on the critical path.
+Designs measured and not kept: each warpgroup decoding its own tile into shared memory for a
+``wgmma(acc, x tile, w tileᵀ)`` (1.45-1.6x: shared-memory traffic, twice the decode per
+product); the two warpgroups sharing one such tile, each decoding half, a barrier a step
+(1.29-1.45x); the register operand with the step's wgmma left in flight over the next step's
+decode (``wgmma_wait(1)``, the x tile released a step later): wrong results (NaN/inf) on the
+H200, also with the last step's operand kept alive through the loop carry and an empty
+inline-PTX use after the wait, and no faster (1.12-1.22x against 1.16-1.18x, run37); the cause
+was not found.
+
+Interpret mode: Mosaic GPU's CPU interpreter runs no inline Mosaic GPU code and no register
+operand, so there the decode is the same `byte_lut` program evaluated with jnp
+(`byte_lut.run_program`) and the decoded tile goes through shared memory to the wgmma; the
+pipeline, the indexing, the tiles, the persistent walk and the transposed epilogue are the
+compiled kernel's.
+
+Shapes (`servable`): bf16 x, ``M % block_m == 0``, ``N % (2 * block_n) == 0``,
+``K % block_k == 0`` (``block_k`` a multiple of 64), and blocks of at least 32 that are a
+multiple or a divisor of ``block_k``; other shapes take another path
+(`pallas_kernels.dequant_first`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import _common, byte_lut
+from pallas_kernels._common import QuantSpec
+from pallas_kernels.tuning import TileConfig
+
+__all__ = ["servable", "nf4_matmul_mgpu", "nf4_matmul_mgpu_reference"]
+
+_NUM_COMPUTE_WGS = 2
+_SMEM_BYTES = 227 * 1024   # shared memory a CTA can have on Hopper
+_EPI = 64                  # the epilogue stores the output in 64x64 tiles
+
+
+def _smem_bytes(config: TileConfig, scale_rows: int, epilogue_slots: int, interpret: bool) -> int:
+    """Shared memory of a config: the pipeline's stages (x, codes, scales), the epilogue's tiles
+    and, in interpret mode, one decoded tile a warpgroup (barriers aside)."""
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    cta_n = _NUM_COMPUTE_WGS * bn
+    stage = bm * bk * 2 + cta_n * bk // 2 + scale_rows * cta_n * 4
+    staged = _NUM_COMPUTE_WGS * bn * bk * 2 if interpret else 0
+    return config.num_stages * stage + staged + _NUM_COMPUTE_WGS * epilogue_slots * _EPI * _EPI * 2
+
+
+def _epilogue_slots(config: TileConfig, scale_rows: int, interpret: bool) -> int:
+    """Two epilogue tiles a warpgroup (one stored while the next is written) where shared memory
+    allows, else one; ValueError naming the sizes when even one does not fit."""
+    for slots in (2, 1):
+        if _smem_bytes(config, scale_rows, slots, interpret) <= _SMEM_BYTES - 1024:   # 1 KiB: barriers
+            return slots
+    raise ValueError(f"the Mosaic GPU kernel's config {config} needs "
+                     f"{_smem_bytes(config, scale_rows, 1, interpret)} bytes of shared memory, more than "
+                     f"the {_SMEM_BYTES} a CTA has: fewer stages or smaller tiles")
+
+
+def servable(spec: QuantSpec, m: int, dtype: Any, config: TileConfig) -> bool:
+    """Whether `nf4_matmul_mgpu` computes ``x[m, k] · deq(W)ᵀ`` for this weight, x dtype and
+    config: bf16 x; ``block_m`` (rows of x a CTA, wgmma's N) a multiple of 64 up to 256 dividing
+    M; ``2 * block_n`` (weight rows a CTA) dividing N with ``block_n`` a multiple of 64;
+    ``block_k`` a multiple of 64 up to 256 dividing K (a codes tile's rows must be 32 bytes or
+    more: Mosaic GPU swizzles no narrower tile); blocks of at least 32 that are a multiple or a
+    divisor of ``block_k``."""
+    bm, bn, bk, bs = config.block_m, config.block_n, config.block_k, spec.block_size
+    return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and bm % 64 == 0 and bm <= 256 and m % bm == 0
+            and bn % 64 == 0 and spec.n % (_NUM_COMPUTE_WGS * bn) == 0 and bk % 64 == 0 and bk <= 256
+            and spec.k % bk == 0 and bs >= 32 and (bk % bs == 0 or bs % bk == 0))
+
+
+def _tile_transforms(row_bytes: int, itemsize_bits: int) -> tuple:
+    """Tiling and swizzle of a TMA/wgmma tile whose rows are ``row_bytes`` long (>= 32)."""
+    swizzle = plgpu.find_swizzle(row_bytes * 8)
+    return (plgpu.TilingTransform((8, swizzle * 8 // itemsize_bits)), plgpu.SwizzleTransform(swizzle))
+
+
+_LUTS = ("prmt32", "prmt")
+
+
+def _program(spec: QuantSpec, lut: str) -> byte_lut.Program:
+    """The decode of one word of 4 packed bytes: with "prmt32" the exact float32 table values
+    times the float32 scale, rounded once to bf16 (`byte_lut.words_program`); with "prmt" the
+    bf16 table values times the scale rounded to bf16, in bf16x2 arithmetic
+    (`byte_lut.pairs_program`: about half the instructions, one more rounding)."""
+    values = tuple(float(v) for v in spec.code_table)
+    if lut == "prmt32":
+        return byte_lut.words_program(values, "bfloat16")
+    if lut == "prmt":
+        return byte_lut.pairs_program(values, "bfloat16", True)
+    raise ValueError(f"the Mosaic GPU kernel's lut must be one of {_LUTS}, got {lut!r}")
+
+
+def _decode_tile_mgpu(codes: Any, scales_ref: Any, *, spec: QuantSpec, lut: str, rows: int,
+                      block_k: int) -> Any:
+    """bf16 ``[rows, block_k]`` in the WGMMA layout (wgmma's register operand) from this
+    warpgroup's packed codes (uint8 ``[rows, block_k/2]`` in layout WGMMA_8BIT) and the step's
+    scales (float32 smem ``[scale_rows, 2*rows]``, this warpgroup's rows from column
+    ``warpgroup * rows``), with the byte-permute program as inline PTX (module docstring)."""
+    import jax.experimental.mosaic.gpu as mgpu  # noqa: PLC0415
+    from jax._src.lib.mlir import ir  # noqa: PLC0415
+    from jax._src.lib.mlir.dialects import arith, llvm, memref, vector  # noqa: PLC0415
+
+    bs = spec.block_size
+    ptx = _program(spec, lut).ptx()
+
+    @plgpu.inline_mgpu(
+        arg_types=(plgpu.Layout.WGMMA_8BIT, plgpu.RefType()),
+        return_type=plgpu.ShapeDtypeStruct((rows, block_k), jnp.bfloat16, layout=plgpu.Layout.WGMMA),
+    )
+    def decode(ctx, codes_fa, s_ref):
+        del ctx
+        i32 = ir.IntegerType.get_signless(32)
+        index = ir.IndexType.get()
+        struct = llvm.StructType.get_literal([i32] * 4)
+        wg = arith.index_cast(index, mgpu.utils.warpgroup_idx(sync=False))
+        col0 = arith.muli(wg, arith.constant(index, rows))
+        # the same registers as a 4-bit [rows, block_k] array (8 codes a register, in order),
+        # moved into the WGMMA layout (2 codes, one whole byte, a register)
+        i4x8 = ir.VectorType.get((8,), ir.IntegerType.get_signless(4))
+        nib = np.empty(codes_fa.registers.shape, dtype=object)
+        for ridx in np.ndindex(codes_fa.registers.shape):
+            nib[ridx] = vector.bitcast(i4x8, codes_fa.registers[ridx])
+        nib = mgpu.FragmentedArray(_registers=nib, _layout=mgpu.WGMMA_LAYOUT_UPCAST_4X,
+                                   _is_signed=False).to_layout(mgpu.WGMMA_LAYOUT)
+        src = nib.registers   # [row tiles, 8-column tiles, ..., row halves, ...]
+        col_axis = 1
+        assert src.shape[col_axis] % 4 == 0, src.shape
+        first = dict(zip(np.ndindex(src.shape), nib.layout.thread_idxs(nib.shape), strict=True))
+        pair = ir.VectorType.get((2,), ir.BF16Type.get())
+        one_word = ir.VectorType.get((1,), i32)
+        regs = np.empty(src.shape, dtype=object)
+        for ridx in np.ndindex(src.shape):
+            if ridx[col_axis] % 4:
+                continue
+            # 4 neighbouring column tiles of a row: 32 codes, one block (blocks >= 32)
+            group = [ridx[:col_axis] + (ridx[col_axis] + j,) + ridx[col_axis + 1:] for j in range(4)]
+            word = mgpu.utils.bitcast(mgpu.utils.vector_concat([src[g] for g in group]), i32)
+            row, col = first[ridx]
+            s = memref.load(s_ref, [arith.divui(col, arith.constant(index, bs)), arith.addi(col0, row)])
+            s = arith.bitcast(i32, s)
+            if lut == "prmt":   # the scale as bf16 in both halves of a word
+                s = llvm.inline_asm(i32, [s], "cvt.rn.bf16x2.f32 $0, $1, $1;", "=r,r", has_side_effects=False)
+            res = llvm.inline_asm(struct, [word, s, s, s, s], ptx, "=r,=r,=r,=r,r,r,r,r,r",
+                                  has_side_effects=False)
+            for j, g in enumerate(group):
+                w = llvm.extractvalue(i32, res, [j])
+                regs[g] = vector.bitcast(pair, vector.from_elements(one_word, [w]))
+        return mgpu.FragmentedArray(_registers=regs, _layout=mgpu.WGMMA_LAYOUT, _is_signed=None)
+
+    return decode(codes, scales_ref)
+
+
+def _decode_tile_interpret(codes: jax.Array, scales: jax.Array, *, spec: QuantSpec, lut: str,
+                           block_k: int) -> jax.Array:
+    """The same tile as `_decode_tile_mgpu` with jnp (interpret mode): codes uint8
+    ``[block_n, block_k/2]``, scales float32 ``[scale_rows, block_n]``."""
+    rows = codes.shape[0]
+    prog = _program(spec, lut)
+    b = codes.astype(jnp.uint32).reshape(rows, block_k // 8, 4)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    col = jnp.arange(block_k // 8) * 8 // spec.block_size           # scale row of each word
+    s = jax.lax.bitcast_convert_type(scales[col, :].T, jnp.uint32)     # [rows, block_k/8]
+    if lut == "prmt":
+        b = jax.lax.bitcast_convert_type(scales[col, :].T.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
+        s = b | (b << 16)
+    outs = byte_lut.run_program(prog, [word, s, s, s, s])
+    words = jnp.stack(outs, axis=-1).reshape(rows, block_k // 2)
+    return jax.lax.bitcast_convert_type(words, jnp.bfloat16).reshape(rows, block_k)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "config", "num_sms", "interpret"))
+def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array | None,
+                    absmax_offset: jax.Array | None, *, spec: QuantSpec, config: TileConfig,
+                    num_sms: int | None = None, interpret: bool = False) -> jax.Array:
+    """``y[m, n] = x[m, k] · deq(W)ᵀ`` in bf16 (float32 accumulation) by the Mosaic GPU kernel.
+
+    Args:
+      x: bf16 [m, k].
+      codes: uint8, the packed ``[n, k]`` weight (n*k/2 bytes, any shape).
+      absmax, absmax_scale, absmax_offset: the block scales (see `pallas_kernels._common`);
+        double quantization is undone in plain jnp first, a pass over the ``n*k/block_size``
+        scales, not over the weight.
+      spec: the weight's static description.
+      config: ``block_m`` rows of x a CTA (wgmma's N, <= 256), ``block_n`` weight rows for each
+        of the CTA's two computing warpgroups, ``block_k`` the K step, ``num_stages`` K steps in
+        flight, ``group_m`` the band width of the persistent grid's walk over the output
+        tiles, ``lut`` "prmt" or "prmt32".
+      num_sms: CTAs of the persistent grid (default: the device's SM count; 4 in interpret mode).
+      interpret: run in Mosaic GPU's CPU interpreter (tests), with its race detector on.
+    Returns:
+      y: bf16 [m, n].
+    Raises:
+      ValueError if `servable` is False, for an unknown ``lut``, a config that needs more shared
+      memory than a CTA has, or x not 2-D; ValueError/TypeError for weight arrays that do not
+      match ``spec`` (`pallas_kernels._common.check_operands`).
+    """
+    if x.ndim != 2:
+        raise ValueError(f"x must be [m, k], got shape {x.shape}")
+    _common.check_operands(spec, codes, absmax, absmax_scale, absmax_offset)
+    m, k = x.shape
+    n = spec.n
+    if k != spec.k:
+        raise ValueError(f"x has {k} features, expected k={spec.k}")
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    if not servable(spec, m, x.dtype, config):
+        raise ValueError(
+            f"the Mosaic GPU kernel cannot compute M={m} x {n}x{k} (block {spec.block_size}) in {x.dtype} "
+            f"with tiles {bm}x{bn}x{bk}: it needs bf16 x, M % block_m, N % (2*block_n), K % block_k == 0 "
+            f"(see servable)")
+    bs = spec.block_size
+    lut = config.lut
+    _program(spec, lut)   # refuses a lookup this kernel has no program for
+    cta_n = _NUM_COMPUTE_WGS * bn
+    m_iters, n_iters, k_iters = m // bm, n // cta_n, k // bk
+    scale_rows = max(1, bk // bs)           # scale rows (K blocks) a step
+    steps_per_scale_row = max(1, bs // bk)
+    n_slots = _epilogue_slots(config, scale_rows, interpret)
+
+    packed = codes.reshape(-1)[: n * k // 2].reshape(n, k // 2)
+    scales_t = _common.decode_scales(absmax, absmax_scale, absmax_offset, spec).reshape(n, k // bs).T
+
+    x_tf = _tile_transforms(bk * 2, 16)
+    c_tf = _tile_transforms(bk // 2, 8)
+    o_tf = _tile_transforms(_EPI * 2, 16)
+    if num_sms is None:
+        num_sms = 4 if interpret else jax.devices()[0].core_count   # the interpreter runs CTAs in turn
+
+    def kernel(x_gmem, c_gmem, s_gmem, o_gmem, o_smem, w_smem=None):
+        def get_pipeline(body, compute_context):
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(k_iters,),
+                memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=x_tf, memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((cta_n, bk // 2), lambda kk: (0, kk), transforms=c_tf,
+                                    memory_space=plgpu.SMEM),
+                    plgpu.BlockSpec((scale_rows, cta_n), lambda kk: (kk // steps_per_scale_row, 0),
+                                    memory_space=plgpu.SMEM),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=_NUM_COMPUTE_WGS,
+                max_concurrent_steps=config.num_stages,
+                compute_context=compute_context,
+            )
+
+        ignore = lambda *_, **__: None  # noqa: E731
+
+        @functools.partial(pl.run_scoped,
+                           allocs=get_pipeline(ignore, ignore).get_allocations(x_gmem, c_gmem, s_gmem),
+                           collective_axes="wg")
+        def _scope(allocs):
+            wg = lax.axis_index("wg")
+            wn = pl.ds(wg * bn, bn)   # this warpgroup's weight rows (y's columns) in the CTA's
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tiles(info):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.group_m)
+                m_sl = pl.ds(mi * bm, bm)
+                n_sl = pl.ds(ni * cta_n, cta_n)
+
+                def compute_context(eval_pipeline):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((bn, bm), jnp.float32))
+                    def _acc(acc):
+                        eval_pipeline(acc)
+                        out = acc[...].astype(jnp.bfloat16)   # yᵀ's tile
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        n_tiles = bn // _EPI
+                        for ei in range((bm // _EPI) * n_tiles):
+                            e_m = slice((ei // n_tiles) * _EPI, (ei // n_tiles + 1) * _EPI)
+                            e_n = slice((ei % n_tiles) * _EPI, (ei % n_tiles + 1) * _EPI)
+                            slot = ei % n_slots
+                            plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
+                            o_smem.at[wg, slot].T[...] = out[e_n, e_m]
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(o_smem.at[wg, slot],
+                                                    o_gmem.at[m_sl, n_sl].at[:, wn].at[e_m, e_n])
+
+                def body(_, x_smem, c_smem, s_smem, acc):
+                    c_wg = c_smem.at[wn]
+                    if interpret:   # the interpreter's wgmma reads no register operand
+                        w_smem[wg] = _decode_tile_interpret(c_wg[...], s_smem[:, wn], spec=spec, lut=lut,
+                                                            block_k=bk)
+                        plgpu.commit_smem()
+                        w = w_smem.at[wg]
+                    else:
+                        w = _decode_tile_mgpu(plgpu.load(c_wg, layout=plgpu.Layout.WGMMA_8BIT), s_smem,
+                                              spec=spec, lut=lut, rows=bn, block_k=bk)
+                    plgpu.wgmma(acc, w, x_smem.T)
+                    # awaited in its own step: left in flight over the next step's decode, the
+                    # results were wrong on an H200 (runs 34, 37; module docstring)
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                get_pipeline(body, compute_context)(
+                    x_gmem.at[m_sl, :], c_gmem.at[n_sl, :], s_gmem.at[:, n_sl], allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    scratch = dict(o_smem=plgpu.SMEM((_NUM_COMPUTE_WGS, n_slots, _EPI, _EPI), jnp.bfloat16, transforms=o_tf))
+    if interpret:
+        scratch["w_smem"] = plgpu.SMEM((_NUM_COMPUTE_WGS, bn, bk), jnp.bfloat16,
+                                       transforms=_tile_transforms(bk * 2, 16))
+    kern = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
+        grid=(num_sms,),
+        grid_names=("sm",),
+        num_threads=_NUM_COMPUTE_WGS + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+        scratch_types=scratch,
+        **({"interpret": plgpu.InterpretGPUParams(detect_races=True)} if interpret else {}),
+    )
+    return kern(x, packed, scales_t)
+
+
+def nf4_matmul_mgpu_reference(x: jax.Array, codes: jax.Array, absmax: jax.Array,
+                              absmax_scale: jax.Array | None, absmax_offset: jax.Array | None, *,
+                              spec: QuantSpec) -> jax.Array:
+    """Plain-JAX reference of `nf4_matmul_mgpu`: the weight dequantized to bf16 (float32
+    products rounded once), then a float32-accumulated dot, rounded to bf16."""
+    w = _common.dequantize_reference(codes, absmax, absmax_scale, absmax_offset, spec).astype(jnp.bfloat16)
+    return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
