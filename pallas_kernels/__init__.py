@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import _common, dequant_first, nf4_matmul_mgpu, tuning
+from pallas_kernels import _common, dequant_first, tuning
 from pallas_kernels._common import DYNAMIC_MAP, QuantSpec, dequantize_reference, make_spec
 from pallas_kernels.nf4_decode import nf4_decode, nf4_decode_reference
 from pallas_kernels.nf4_matmul import nf4_matmul, nf4_matmul_reference
@@ -133,8 +133,12 @@ def _training_product(a: jax.Array, weight: tuple, spec: QuantSpec, cfg: TileCon
     forward kernel where ``cfg`` asks for it and it serves the shape and dtype, else the
     dequant_first path where ``cfg`` asks for it and it can serve ``a``'s dtype, else the fused
     Triton kernel."""
-    if cfg.mosaic and not transposed and nf4_matmul_mgpu.servable(spec, a.shape[0], a.dtype, cfg):
-        return nf4_matmul_mgpu.nf4_matmul_mgpu(a, *weight, spec=spec, config=cfg, interpret=interpret)
+    if cfg.mosaic and not transposed:
+        # imported here: Mosaic GPU's Pallas module adds ~0.4 s to importing this package
+        from pallas_kernels import nf4_matmul_mgpu  # noqa: PLC0415
+
+        if nf4_matmul_mgpu.servable(spec, a.shape[0], a.dtype, cfg):
+            return nf4_matmul_mgpu.nf4_matmul_mgpu(a, *weight, spec=spec, config=cfg, interpret=interpret)
     if cfg.dequant_first and dequant_first.servable(spec, a.dtype, cfg):
         return dequant_first.dequant_first_matmul(a, *weight, spec=spec, transposed=transposed, config=cfg,
                                                   out_dtype=out_dtype, interpret=interpret)

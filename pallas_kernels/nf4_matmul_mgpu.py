@@ -42,9 +42,13 @@ H200, also with the last step's operand kept alive through the loop carry and an
 inline-PTX use after the wait, and no faster (1.12-1.22x against 1.16-1.18x, run37); the cause
 was not found.
 
+It computes what `pallas_kernels.nf4_matmul` does, so its plain-JAX reference is
+`pallas_kernels.nf4_matmul.nf4_matmul_reference`.
+
 Interpret mode: Mosaic GPU's CPU interpreter runs no inline Mosaic GPU code and no register
 operand, so there the decode is the same `byte_lut` program evaluated with jnp
-(`byte_lut.run_program`) and the decoded tile goes through shared memory to the wgmma; the
+(`byte_lut.decode_words` / `decode_pair_words`) and the decoded tile goes through shared memory
+to the wgmma; the
 pipeline, the indexing, the tiles, the persistent walk and the transposed epilogue are the
 compiled kernel's.
 
@@ -70,7 +74,7 @@ from pallas_kernels import _common, byte_lut
 from pallas_kernels._common import QuantSpec
 from pallas_kernels.tuning import TileConfig
 
-__all__ = ["servable", "nf4_matmul_mgpu", "nf4_matmul_mgpu_reference"]
+__all__ = ["servable", "nf4_matmul_mgpu"]
 
 _NUM_COMPUTE_WGS = 2
 _SMEM_BYTES = 227 * 1024   # shared memory a CTA can have on Hopper
@@ -195,20 +199,13 @@ def _decode_tile_mgpu(codes: Any, scales_ref: Any, *, spec: QuantSpec, lut: str,
 
 def _decode_tile_interpret(codes: jax.Array, scales: jax.Array, *, spec: QuantSpec, lut: str,
                            block_k: int) -> jax.Array:
-    """The same tile as `_decode_tile_mgpu` with jnp (interpret mode): codes uint8
-    ``[block_n, block_k/2]``, scales float32 ``[scale_rows, block_n]``."""
-    rows = codes.shape[0]
-    prog = _program(spec, lut)
-    b = codes.astype(jnp.uint32).reshape(rows, block_k // 8, 4)
-    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
-    col = jnp.arange(block_k // 8) * 8 // spec.block_size           # scale row of each word
-    s = jax.lax.bitcast_convert_type(scales[col, :].T, jnp.uint32)     # [rows, block_k/8]
-    if lut == "prmt":
-        b = jax.lax.bitcast_convert_type(scales[col, :].T.astype(jnp.bfloat16), jnp.uint16).astype(jnp.uint32)
-        s = b | (b << 16)
-    outs = byte_lut.run_program(prog, [word, s, s, s, s])
-    words = jnp.stack(outs, axis=-1).reshape(rows, block_k // 2)
-    return jax.lax.bitcast_convert_type(words, jnp.bfloat16).reshape(rows, block_k)
+    """The same tile as `_decode_tile_mgpu` with `byte_lut`'s jnp model of the same program
+    (interpret mode): codes uint8 ``[rows, block_k/2]``, scales float32 ``[scale_rows, rows]``."""
+    # byte c of a row holds codes 2c and 2c+1, of block 2c // block_size
+    per_byte = scales[jnp.arange(block_k // 2) * 2 // spec.block_size, :].T
+    decode = {"prmt32": byte_lut.decode_words, "prmt": byte_lut.decode_pair_words}[lut]
+    words = decode(codes, spec.code_table, jnp.bfloat16, per_byte, interpret=True)
+    return jax.lax.bitcast_convert_type(words, jnp.bfloat16).reshape(codes.shape[0], block_k)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "config", "num_sms", "interpret"))
@@ -357,12 +354,3 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
         **({"interpret": plgpu.InterpretGPUParams(detect_races=True)} if interpret else {}),
     )
     return kern(x, packed, scales_t)
-
-
-def nf4_matmul_mgpu_reference(x: jax.Array, codes: jax.Array, absmax: jax.Array,
-                              absmax_scale: jax.Array | None, absmax_offset: jax.Array | None, *,
-                              spec: QuantSpec) -> jax.Array:
-    """Plain-JAX reference of `nf4_matmul_mgpu`: the weight dequantized to bf16 (float32
-    products rounded once), then a float32-accumulated dot, rounded to bf16."""
-    w = _common.dequantize_reference(codes, absmax, absmax_scale, absmax_offset, spec).astype(jnp.bfloat16)
-    return jnp.dot(x, w.T, preferred_element_type=jnp.float32).astype(jnp.bfloat16)

@@ -189,6 +189,10 @@ _INF = 1 << 62
 #   takes 1024 < M <= 2048 (M=1024 unmeasured for it) and dequant_first keeps the rest. Table
 #   run (run36): M=2048 1.13-1.20x bf16, bitsandbytes 1.19-1.30x; M=1024 and 4096 (dequant_first)
 #   1.18-1.35x.
+# The training rows' decode-then-cuBLAS config (its tiles serve the fused Triton kernel, used
+# where dequant_first cannot serve a dtype).
+_DEQUANT_FIRST_FWD = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
+                                lut="prmt", dequant_first=True)
 _HOPPER = {
     "decode": (
         Entry(1, TileConfig(block_n=8, block_k=256, split_k=8, num_warps=1, num_stages=1, lut="prmt",
@@ -201,14 +205,12 @@ _HOPPER = {
     "forward": (
         Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt",
                              dequant_first=True), True),
-        Entry(1024, TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
-                               lut="prmt", dequant_first=True), True),
+        Entry(1024, _DEQUANT_FIRST_FWD, True),
         # the Mosaic GPU kernel where the forward sweep measured it fastest (M=2048); shapes it
         # cannot serve (M not a multiple of 256, N of 128) fall back to dequant_first
         Entry(2048, TileConfig(block_m=256, block_n=64, block_k=64, group_m=8, num_stages=4, lut="prmt",
                                mosaic=True, dequant_first=True), True),
-        Entry(_INF, TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
-                               lut="prmt", dequant_first=True), True),
+        Entry(_INF, _DEQUANT_FIRST_FWD, True),
     ),
     "input_grad": (
         Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, lut="prmt",

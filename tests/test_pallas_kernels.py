@@ -555,7 +555,7 @@ def test_nf4_matmul_mgpu(seed, m, n, k, bs, dqbs, cfg, sms):
     # accumulation order differs from the reference, flipping a few bf16 roundings of y;
     # "prmt" rounds the scale to bf16 (~3.5e-3)
     tol = 1e-3 if cfg.lut == "prmt32" else 5e-3
-    check(y, (m, n), mg.nf4_matmul_mgpu_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T, tol_ref=tol)
+    check(y, (m, n), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T, tol_ref=tol)
 
 
 def test_matmul_nt_takes_the_mosaic_kernel_where_it_serves(monkeypatch):
@@ -661,7 +661,7 @@ def test_gpu_mgpu_at_real_shape(lut, m, n, k):
     x, x64 = p.activations(m, k, pad_cols=0)
     cfg = _mgpu_cfg(256, 64, 64, 4, lut)
     y = mg.nf4_matmul_mgpu(x, *p.arrays, spec=p.spec, config=cfg)
-    ref = mg.nf4_matmul_mgpu_reference(x, *p.arrays, spec=p.spec)
+    ref = pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec)
     print(f"{lut} M={m} N={n} K={k}: rel. err. {rel_err(y, np.asarray(ref, np.float32))} against the reference, "
           f"{rel_err(y, x64 @ p.w64.T)} against float64")
     check(y, (m, n), ref, x64 @ p.w64.T, tol_ref=1e-3 if lut == "prmt32" else 5e-3)
