@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--attn", choices=("auto", "xla", "cudnn"), default="auto",
                    help="attention implementation (auto: cuDNN flash attention on GPU if it runs, else XLA)")
     p.add_argument("--backend", choices=("auto", "xla", "pallas"), default="auto", help="4-bit matmul backend")
+    p.add_argument("--no-mosaic", action="store_true",
+                   help="keep the 4-bit forward on dequant_first where the tuning table picks the Mosaic GPU "
+                        "kernel (to compare the two in one run)")
     p.add_argument("--compute-dtype", choices=("auto", "bfloat16", "float32"), default="auto",
                    help="auto: bfloat16 on an accelerator, float32 on CPU")
     p.add_argument("--seed", type=int, default=0)
@@ -974,6 +977,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the benchmark; returns the result dict (also written as JSON, with a PNG)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
+    if args.no_mosaic:
+        import pallas_kernels.tuning  # noqa: PLC0415
+
+        pallas_kernels.tuning.MOSAIC_MIN_TILES = 1 << 62   # no shape has that many tiles
     if args.mem_fraction is not None:  # must precede the backend's start
         os.environ["XLA_PYTHON_CLIENT_MEM_FRACTION"] = str(args.mem_fraction)
     isolate = args.isolate if args.isolate is not None else len(args.shape_list) > 1

@@ -16,9 +16,11 @@ Entry points:
 
 Above the decode sizes a tuning-table row may say ``mosaic``: then `matmul_nt` runs the
 warp-specialised Mosaic GPU kernel, `pallas_kernels.nf4_matmul_mgpu`, where it serves the
-shape; or ``dequant_first``: then `matmul_nt` and `matmul_nn` decode the weight with a Pallas
-kernel and leave the product to XLA's dot (cuBLAS), `pallas_kernels.dequant_first`; that path
-holds the decoded weight in device memory for the call, which the fused kernels never do.
+shape and the result is not asked for in float32 (`qlora_jax.ops` asks for float32, so a
+training step takes dequant_first); or ``dequant_first``: then `matmul_nt` and `matmul_nn`
+decode the weight with a Pallas kernel and leave the product to XLA's dot (cuBLAS),
+`pallas_kernels.dequant_first`; that path holds the decoded weight in device memory for the
+call, which the fused kernels never do.
 
 The same, for a weight object with ``codes, absmax, absmax_scale, absmax_offset, shape, format,
 block_size, dq_block_size`` attributes (a ``qlora_jax.QuantizedArray``, duck-typed: no import):
@@ -130,10 +132,12 @@ def _pick(config: TileConfig | None, op: str, m: int, n: int, k: int, block_size
 def _training_product(a: jax.Array, weight: tuple, spec: QuantSpec, cfg: TileConfig, transposed: bool,
                       out_dtype: Any, interpret: bool) -> jax.Array:
     """The product above the decode sizes (``transposed``: the input gradient): the Mosaic GPU
-    forward kernel where ``cfg`` asks for it and it serves the shape and dtype, else the
-    dequant_first path where ``cfg`` asks for it and it can serve ``a``'s dtype, else the fused
-    Triton kernel."""
-    if cfg.mosaic and not transposed:
+    forward kernel where ``cfg`` asks for it, the result is not float32 and it serves the shape
+    and dtype, else the dequant_first path where ``cfg`` asks for it and it can serve ``a``'s
+    dtype, else the fused Triton kernel."""
+    # not for float32 results: the kernel writes them as two bf16 parts summed by XLA, and the
+    # training step (which asks for float32) ran 0.5-6% slower on it than on dequant_first (run42)
+    if cfg.mosaic and not transposed and jnp.dtype(out_dtype) != jnp.dtype(jnp.float32):
         # imported here: Mosaic GPU's Pallas module adds ~0.4 s to importing this package
         from pallas_kernels import nf4_matmul_mgpu  # noqa: PLC0415
 
@@ -165,8 +169,9 @@ def matmul_nt(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: j
       absmax_table: the 256 values of the 8-bit absmax codes (default: bitsandbytes' dynamic map).
       config: override the tuning table's `TileConfig`.
       out_dtype: the result's dtype (default: x's). The ``dequant_first`` path hands its float32
-        accumulator over in this dtype directly (float32: no rounding to x's dtype); the fused
-        kernels write x's dtype, which is then cast.
+        accumulator over in this dtype directly (float32: no rounding to x's dtype), and a
+        float32 request takes it instead of the Mosaic GPU kernel; the fused Triton kernels write
+        x's dtype, which is then cast.
       interpret: run the kernel in the Pallas interpreter (CPU tests).
     Returns:
       y: [..., n], ``out_dtype``.

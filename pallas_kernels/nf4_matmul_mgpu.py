@@ -26,13 +26,24 @@ block make one word for the program, whose 4 output words are the operand's bf16
 ``"prmt32"`` is exact, float32 values times the float32 scale rounded once, bit for bit
 `pallas_kernels._common.dequantize_reference` (`byte_lut.words_program`, ~1.6x the instructions).
 
-Measured on one H200 (jax 0.11.2, 2026-12-03, `benchmarks/gpu/mgpu_probe.py` runs 30-34 and
-37, `experiments/bench_kernels.py` runs 35-36; benchmarks/README.md): with ``block_m=256,
-block_n=64, block_k=64``, 4 stages, "prmt": 1.02-1.25x cuBLAS bf16 at M=2048-4096 (up to
-655 TFLOP/s), about as fast as the decode-then-cuBLAS path (`pallas_kernels.dequant_first`)
-and without its bf16 copy of the weight: faster at M=2048 (1.13-1.17x against 1.21-1.23x in
-one sweep), a little slower at M=4096 (1.18-1.24x against 1.07-1.23x), so the tuning table
-takes it at M=2048. "prmt32" costs 1.25-1.49x: the decode is on the critical path.
+Clusters (``cluster_n=2``): two CTAs with the same rows of x and neighbouring weight rows form
+a cluster and load their x tile once, by TMA multicast (x is 64 of a step's 73 KB at the
+table's tiles).
+
+Measured on one H200 (jax 0.11.2; `benchmarks/gpu/mgpu_probe.py` runs 30-34, 37-40,
+`experiments/bench_kernels.py` runs 35-36, 41; benchmarks/README.md). 2026-12-03: ``block_m=256,
+block_n=64, block_k=64``, 4 stages, "prmt": 1.02-1.25x cuBLAS bf16 at M=2048-4096, about as fast
+as the decode-then-cuBLAS path (`pallas_kernels.dequant_first`). 2026-12-04: 128-wide K steps
+(2 stages: 3 do not fit beside 256 rows of x) and clusters of 2: 1.05-1.19x at M=2048-8192 in
+the kernel table (run41; bitsandbytes 1.01-1.22x in the same run; dequant_first 1.07-1.23x
+at M=4096-8192 and 1.21-1.23x at M=2048 in the probe and sweep runs), 1.06x at M=1024,
+K=4096 N=11008; at M=512 it loses to dequant_first (1.5-2.0x against 1.6-1.7x, run40).
+"prmt32" costs 1.26-1.47x: the decode is on the critical path.
+Float32 output (``out_dtype``) is written as two bf16 parts, the accumulator's bf16 rounding
+and the rounding of the rest, summed by XLA (16 significant bits; Mosaic GPU stores no
+transposed float32 tile): in a QLoRA training step, which asks for float32 products, that
+made the step 0.5-6% slower than dequant_first (run42), so `pallas_kernels.matmul_nt` sends
+float32 requests to dequant_first.
 Designs measured and not kept: each warpgroup decoding its own tile into shared memory for a
 ``wgmma(acc, x tile, w tileᵀ)`` (1.45-1.6x: shared-memory traffic, twice the decode per
 product); the two warpgroups sharing one such tile, each decoding half, a barrier a step
@@ -52,7 +63,7 @@ to the wgmma; the
 pipeline, the indexing, the tiles, the persistent walk and the transposed epilogue are the
 compiled kernel's.
 
-Shapes (`servable`): bf16 x, ``M % block_m == 0``, ``N % (2 * block_n) == 0``,
+Shapes (`servable`): bf16 x, ``M % block_m == 0``, ``N % (2 * block_n * cluster_n) == 0``,
 ``K % block_k == 0`` (``block_k`` a multiple of 64), and blocks of at least 32 that are a
 multiple or a divisor of ``block_k``; other shapes take another path
 (`pallas_kernels.dequant_first`).
@@ -81,37 +92,40 @@ _SMEM_BYTES = 227 * 1024   # shared memory a CTA can have on Hopper
 _EPI = 64                  # the epilogue stores the output in 64x64 tiles
 
 
-def _smem_bytes(config: TileConfig, scale_rows: int, epilogue_slots: int, interpret: bool) -> int:
+def _smem_bytes(config: TileConfig, scale_rows: int, epilogue_slots: int, out_bytes: int, interpret: bool) -> int:
     """Shared memory of a config: the pipeline's stages (x, codes, scales), the epilogue's tiles
-    and, in interpret mode, one decoded tile a warpgroup (barriers aside)."""
+    (``out_bytes`` an element) and, in interpret mode, one decoded tile a warpgroup (barriers
+    aside)."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
     cta_n = _NUM_COMPUTE_WGS * bn
     stage = bm * bk * 2 + cta_n * bk // 2 + scale_rows * cta_n * 4
     staged = _NUM_COMPUTE_WGS * bn * bk * 2 if interpret else 0
-    return config.num_stages * stage + staged + _NUM_COMPUTE_WGS * epilogue_slots * _EPI * _EPI * 2
+    return config.num_stages * stage + staged + _NUM_COMPUTE_WGS * epilogue_slots * _EPI * _EPI * out_bytes
 
 
-def _epilogue_slots(config: TileConfig, scale_rows: int, interpret: bool) -> int:
+def _epilogue_slots(config: TileConfig, scale_rows: int, out_bytes: int, interpret: bool) -> int:
     """Two epilogue tiles a warpgroup (one stored while the next is written) where shared memory
     allows, else one; ValueError naming the sizes when even one does not fit."""
     for slots in (2, 1):
-        if _smem_bytes(config, scale_rows, slots, interpret) <= _SMEM_BYTES - 1024:   # 1 KiB: barriers
+        if _smem_bytes(config, scale_rows, slots, out_bytes, interpret) <= _SMEM_BYTES - 1024:   # 1 KiB: barriers
             return slots
     raise ValueError(f"the Mosaic GPU kernel's config {config} needs "
-                     f"{_smem_bytes(config, scale_rows, 1, interpret)} bytes of shared memory, more than "
+                     f"{_smem_bytes(config, scale_rows, 1, out_bytes, interpret)} bytes of shared memory, more than "
                      f"the {_SMEM_BYTES} a CTA has: fewer stages or smaller tiles")
 
 
 def servable(spec: QuantSpec, m: int, dtype: Any, config: TileConfig) -> bool:
     """Whether `nf4_matmul_mgpu` computes ``x[m, k] · deq(W)ᵀ`` for this weight, x dtype and
     config: bf16 x; ``block_m`` (rows of x a CTA, wgmma's N) a multiple of 64 up to 256 dividing
-    M; ``2 * block_n`` (weight rows a CTA) dividing N with ``block_n`` a multiple of 64;
+    M; ``2 * block_n * cluster_n`` (weight rows a CTA, times the CTAs of a cluster) dividing N
+    with ``block_n`` a multiple of 64 and ``cluster_n`` 1 or 2;
     ``block_k`` a multiple of 64 up to 256 dividing K (a codes tile's rows must be 32 bytes or
     more: Mosaic GPU swizzles no narrower tile); blocks of at least 32 that are a multiple or a
     divisor of ``block_k``."""
     bm, bn, bk, bs = config.block_m, config.block_n, config.block_k, spec.block_size
     return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and bm % 64 == 0 and bm <= 256 and m % bm == 0
-            and bn % 64 == 0 and spec.n % (_NUM_COMPUTE_WGS * bn) == 0 and bk % 64 == 0 and bk <= 256
+            and bn % 64 == 0 and config.cluster_n in (1, 2)
+            and spec.n % (_NUM_COMPUTE_WGS * bn * config.cluster_n) == 0 and bk % 64 == 0 and bk <= 256
             and spec.k % bk == 0 and bs >= 32 and (bk % bs == 0 or bs % bk == 0))
 
 
@@ -208,11 +222,12 @@ def _decode_tile_interpret(codes: jax.Array, scales: jax.Array, *, spec: QuantSp
     return jax.lax.bitcast_convert_type(words, jnp.bfloat16).reshape(codes.shape[0], block_k)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "config", "num_sms", "interpret"))
+@functools.partial(jax.jit, static_argnames=("spec", "config", "out_dtype", "num_sms", "interpret"))
 def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: jax.Array | None,
                     absmax_offset: jax.Array | None, *, spec: QuantSpec, config: TileConfig,
-                    num_sms: int | None = None, interpret: bool = False) -> jax.Array:
-    """``y[m, n] = x[m, k] · deq(W)ᵀ`` in bf16 (float32 accumulation) by the Mosaic GPU kernel.
+                    out_dtype: Any = jnp.bfloat16, num_sms: int | None = None,
+                    interpret: bool = False) -> jax.Array:
+    """``y[m, n] = x[m, k] · deq(W)ᵀ`` (float32 accumulation) by the Mosaic GPU kernel.
 
     Args:
       x: bf16 [m, k].
@@ -224,15 +239,19 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
       config: ``block_m`` rows of x a CTA (wgmma's N, <= 256), ``block_n`` weight rows for each
         of the CTA's two computing warpgroups, ``block_k`` the K step, ``num_stages`` K steps in
         flight, ``group_m`` the band width of the persistent grid's walk over the output
-        tiles, ``lut`` "prmt" or "prmt32".
-      num_sms: CTAs of the persistent grid (default: the device's SM count; 4 in interpret mode).
+        tiles, ``lut`` "prmt" or "prmt32", ``cluster_n`` CTAs a cluster along N (1 or 2), which
+        share their tile of x by TMA multicast.
+      out_dtype: y's dtype, bfloat16 or float32 (the accumulator to 16 significant bits: two
+        bf16 parts, summed by XLA; twice the bytes written and in the epilogue's shared memory).
+      num_sms: CTAs of the persistent grid (default: the device's SM count; 4 in interpret mode),
+        rounded down to whole clusters.
       interpret: run in Mosaic GPU's CPU interpreter (tests), with its race detector on.
     Returns:
-      y: bf16 [m, n].
+      y: [m, n] ``out_dtype``.
     Raises:
-      ValueError if `servable` is False, for an unknown ``lut``, a config that needs more shared
-      memory than a CTA has, or x not 2-D; ValueError/TypeError for weight arrays that do not
-      match ``spec`` (`pallas_kernels._common.check_operands`).
+      ValueError if `servable` is False, for an unknown ``lut`` or ``out_dtype``, a config that
+      needs more shared memory than a CTA has, or x not 2-D; ValueError/TypeError for weight
+      arrays that do not match ``spec`` (`pallas_kernels._common.check_operands`).
     """
     if x.ndim != 2:
         raise ValueError(f"x must be [m, k], got shape {x.shape}")
@@ -251,28 +270,35 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
     lut = config.lut
     _program(spec, lut)   # refuses a lookup this kernel has no program for
     cta_n = _NUM_COMPUTE_WGS * bn
-    m_iters, n_iters, k_iters = m // bm, n // cta_n, k // bk
+    cluster = config.cluster_n
+    m_iters, n_iters, k_iters = m // bm, n // (cta_n * cluster), k // bk
     scale_rows = max(1, bk // bs)           # scale rows (K blocks) a step
     steps_per_scale_row = max(1, bs // bk)
-    n_slots = _epilogue_slots(config, scale_rows, interpret)
+    out_dtype = jnp.dtype(out_dtype)
+    if out_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        raise ValueError(f"the Mosaic GPU kernel writes bfloat16 or float32, not {out_dtype}")
+    n_slots = _epilogue_slots(config, scale_rows, out_dtype.itemsize, interpret)
 
     packed = codes.reshape(-1)[: n * k // 2].reshape(n, k // 2)
     scales_t = _common.decode_scales(absmax, absmax_scale, absmax_offset, spec).reshape(n, k // bs).T
 
     x_tf = _tile_transforms(bk * 2, 16)
     c_tf = _tile_transforms(bk // 2, 8)
+    parts = out_dtype.itemsize // 2   # bf16 tiles written a float32 output: 2 (see the end)
     o_tf = _tile_transforms(_EPI * 2, 16)
     if num_sms is None:
         num_sms = 4 if interpret else jax.devices()[0].core_count   # the interpreter runs CTAs in turn
 
-    def kernel(x_gmem, c_gmem, s_gmem, o_gmem, o_smem, w_smem=None):
+    def kernel(x_gmem, c_gmem, s_gmem, *o_gmems, o_smem, w_smem=None):
         def get_pipeline(body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
                 body,
                 grid=(k_iters,),
                 memory_registers=40,
                 in_specs=[
-                    plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=x_tf, memory_space=plgpu.SMEM),
+                    # a cluster's CTAs share their rows of x: one TMA multicast loads them for all
+                    plgpu.BlockSpec((bm, bk), lambda kk: (0, kk), transforms=x_tf, memory_space=plgpu.SMEM,
+                                    collective_axes=("cluster",) if cluster > 1 else ()),
                     plgpu.BlockSpec((cta_n, bk // 2), lambda kk: (0, kk), transforms=c_tf,
                                     memory_space=plgpu.SMEM),
                     plgpu.BlockSpec((scale_rows, cta_n), lambda kk: (kk // steps_per_scale_row, 0),
@@ -298,24 +324,30 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, config.group_m)
                 m_sl = pl.ds(mi * bm, bm)
-                n_sl = pl.ds(ni * cta_n, cta_n)
+                n_sl = pl.ds((ni * cluster + lax.axis_index("cluster")) * cta_n, cta_n)
 
                 def compute_context(eval_pipeline):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((bn, bm), jnp.float32))
                     def _acc(acc):
                         eval_pipeline(acc)
-                        out = acc[...].astype(jnp.bfloat16)   # yᵀ's tile
+                        out = acc[...]   # yᵀ's tile
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         n_tiles = bn // _EPI
                         for ei in range((bm // _EPI) * n_tiles):
                             e_m = slice((ei // n_tiles) * _EPI, (ei // n_tiles + 1) * _EPI)
                             e_n = slice((ei % n_tiles) * _EPI, (ei % n_tiles + 1) * _EPI)
                             slot = ei % n_slots
+                            part = out[e_n, e_m]
+                            hi = part.astype(jnp.bfloat16)
+                            vals = (hi, (part - hi.astype(jnp.float32)).astype(jnp.bfloat16))[:parts]
                             plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
-                            o_smem.at[wg, slot].T[...] = out[e_n, e_m]
+                            for p, v in enumerate(vals):
+                                o_smem.at[wg, slot, p].T[...] = v
                             plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(o_smem.at[wg, slot],
-                                                    o_gmem.at[m_sl, n_sl].at[:, wn].at[e_m, e_n])
+                            for p, o_gmem in enumerate(o_gmems):   # one bulk group a tile
+                                plgpu.copy_smem_to_gmem(o_smem.at[wg, slot, p],
+                                                        o_gmem.at[m_sl, n_sl].at[:, wn].at[e_m, e_n],
+                                                        commit_group=p == parts - 1)
 
                 def body(_, x_smem, c_smem, s_smem, acc):
                     c_wg = c_smem.at[wn]
@@ -338,19 +370,25 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    scratch = dict(o_smem=plgpu.SMEM((_NUM_COMPUTE_WGS, n_slots, _EPI, _EPI), jnp.bfloat16, transforms=o_tf))
+    scratch = dict(o_smem=plgpu.SMEM((_NUM_COMPUTE_WGS, n_slots, parts, _EPI, _EPI), jnp.bfloat16,
+                                     transforms=o_tf))
     if interpret:
         scratch["w_smem"] = plgpu.SMEM((_NUM_COMPUTE_WGS, bn, bk), jnp.bfloat16,
                                        transforms=_tile_transforms(bk * 2, 16))
     kern = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((m, n), jnp.bfloat16),
-        grid=(num_sms,),
+        out_type=(jax.ShapeDtypeStruct((m, n), jnp.bfloat16),) * parts,
+        grid=(max(1, num_sms // cluster),),
         grid_names=("sm",),
+        cluster=(cluster,),
+        cluster_names=("cluster",),
         num_threads=_NUM_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         scratch_types=scratch,
         **({"interpret": plgpu.InterpretGPUParams(detect_races=True)} if interpret else {}),
     )
-    return kern(x, packed, scales_t)
+    ys = kern(x, packed, scales_t)
+    # float32: the accumulator as the sum of its bf16 rounding and the rounding of the rest
+    # (16 significant bits), since Mosaic GPU stores no transposed float32 tile
+    return ys[0] if parts == 1 else ys[0].astype(jnp.float32) + ys[1].astype(jnp.float32)

@@ -27,7 +27,9 @@ A `TileConfig` holds every knob; each kernel reads the fields it uses:
   (the decoded weight as wgmma's register operand): ``block_m`` rows of x a CTA (<= 256),
   ``block_n`` weight rows for each of its two computing warpgroups, ``block_k``,
   ``num_stages`` K steps in flight, ``group_m`` the band width of its persistent grid's walk,
-  ``lut`` "prmt" or "prmt32". Where it cannot serve a shape, ``dequant_first`` (if set) does.
+  ``lut`` "prmt" or "prmt32", ``cluster_n`` CTAs of a cluster along N (1 or 2; with 2 a pair
+  of CTAs with the same rows of x load them once, by TMA multicast). Where it cannot serve a
+  shape, ``dequant_first`` (if set) does.
 - all: ``num_warps``, ``num_stages`` (Triton), ``lut`` (see `pallas_kernels._common.LUT_MODES`).
 
 `get_config` looks up ``TABLE`` by device family (from ``jax.devices()[0].device_kind``) and op,
@@ -44,7 +46,8 @@ from collections.abc import Iterable
 
 import jax
 
-__all__ = ["TileConfig", "Entry", "TABLE", "get_config", "get_entry", "device_family", "DECODE_MAX_M"]
+__all__ = ["TileConfig", "Entry", "TABLE", "get_config", "get_entry", "device_family", "DECODE_MAX_M",
+           "MOSAIC_MIN_TILES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +70,7 @@ class TileConfig:
     decode_kn: bool = False
     x_planes: bool = False
     mosaic: bool = False
+    cluster_n: int = 1
 
     def replace(self, **kwargs) -> "TileConfig":
         return dataclasses.replace(self, **kwargs)
@@ -189,6 +193,23 @@ _INF = 1 << 62
 #   takes 1024 < M <= 2048 (M=1024 unmeasured for it) and dequant_first keeps the rest. Table
 #   run (run36): M=2048 1.13-1.20x bf16, bitsandbytes 1.19-1.30x; M=1024 and 4096 (dequant_first)
 #   1.18-1.35x.
+# - 2026-12-04 (`benchmarks/gpu/mgpu_probe.py`, runs 38-39): the Mosaic GPU kernel with clusters of
+#   two CTAs along N, which load their shared tile of x once by TMA multicast (``cluster_n=2``),
+#   and 128-wide K steps (2 stages: 3 do not fit in shared memory with 256 rows of x). Run 39,
+#   ratios to bf16 at K=4096 N=11008 / K=N=4096 / K=11008 N=4096: the kept row (group_m=16)
+#   1.16x / 1.16x / 1.17x at M=2048 (the previous row 1.24x / 1.23x / 1.15x in the same run),
+#   1.05x / 1.13x / 1.02x at M=4096 (dequant_first 1.18x / 1.16x / 1.10x), 1.07x at M=2048,
+#   K=N=8192 (the previous row 1.14x), 1.15x at M=8192, K=4096 N=11008 (dequant_first 1.23x); at
+#   M=1024 the row without group_m=16 1.07x / 1.16x / 1.14x (dequant_first 1.29-1.40x). Without
+#   clusters the same tiles average 1.14x over M >= 2048, with them 1.11-1.13x; 128-row CTAs
+#   1.38-1.68x; the exact "prmt32" decode 1.26-1.47x. Two runs of one config differ by up to
+#   10% (K=4096 N=11008, M=2048: 1.09x in run 38, 1.21x in run 39). At M=512 it lost to
+#   dequant_first (1.51x / 1.97x / 2.04x against 1.57x / 1.72x / 1.56x, run40). So the kernel
+#   takes every M above 512 (with at least MOSAIC_MIN_TILES tiles). Table run (run41, bitsandbytes
+#   beside it): 1.09-1.11x at M=2048, 1.11-1.19x at 4096, 1.05-1.08x at 8192, 1.06x at M=1024
+#   K=4096 N=11008; bitsandbytes 1.01-1.22x. A training step asks for float32 products, which
+#   the kernel writes as two bf16 parts: the step was 0.5-6% slower on it than on dequant_first
+#   (run42), so float32 requests keep dequant_first (`pallas_kernels._training_product`).
 # The training rows' decode-then-cuBLAS config (its tiles serve the fused Triton kernel, used
 # where dequant_first cannot serve a dtype).
 _DEQUANT_FIRST_FWD = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
@@ -205,12 +226,12 @@ _HOPPER = {
     "forward": (
         Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt",
                              dequant_first=True), True),
-        Entry(1024, _DEQUANT_FIRST_FWD, True),
-        # the Mosaic GPU kernel where the forward sweep measured it fastest (M=2048); shapes it
-        # cannot serve (M not a multiple of 256, N of 128) fall back to dequant_first
-        Entry(2048, TileConfig(block_m=256, block_n=64, block_k=64, group_m=8, num_stages=4, lut="prmt",
-                               mosaic=True, dequant_first=True), True),
-        Entry(_INF, _DEQUANT_FIRST_FWD, True),
+        Entry(512, _DEQUANT_FIRST_FWD, True),
+        # the Mosaic GPU kernel, measured faster than dequant_first from M=1024 to 8192 (runs
+        # 38-39); shapes it cannot serve (M not a multiple of 256, N of 256) fall back to
+        # dequant_first
+        Entry(_INF, TileConfig(block_m=256, block_n=64, block_k=128, group_m=16, num_stages=2, lut="prmt",
+                               mosaic=True, dequant_first=True, cluster_n=2), True),
     ),
     "input_grad": (
         Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, lut="prmt",
@@ -230,6 +251,13 @@ TABLE: dict[str, dict[str, tuple[Entry, ...]]] = {
 
 # Largest M that the decode kernel serves; above it matmul_nt uses the forward kernel.
 DECODE_MAX_M = 16
+
+# The fewest output tiles (CTAs' ``block_m x 2*block_n``) for which `get_config` keeps a ``mosaic``
+# row. The persistent kernel runs a CTA a tile: in a training step (run40) the K/V projections of
+# the TinyLlama shape (M=4096, N=256: 32 tiles) ran on a quarter of the H200's 132 SMs, where
+# dequant_first's cuBLAS call spreads the product over all of them; at 128 tiles (M=1024, K=N=4096)
+# the kernel took 1.16x bf16 against dequant_first's 1.33x (run39).
+MOSAIC_MIN_TILES = 128
 
 
 def device_family(device_kind: str | None = None) -> str:
@@ -258,7 +286,10 @@ def get_config(op: str, m: int, n: int, k: int, block_size: int,
     ``min(block_k, block_size)`` since ``k % block_size == 0``).
     """
     entry = get_entry(op, m, n, k, device_kind)
-    return fit_block_k(entry.config, k, block_size)
+    cfg = entry.config
+    if cfg.mosaic and (m // cfg.block_m) * (n // (2 * cfg.block_n)) < MOSAIC_MIN_TILES:
+        cfg = cfg.replace(mosaic=False)   # too few tiles to fill the device: dequant_first serves it
+    return fit_block_k(cfg, k, block_size)
 
 
 def get_entry(op: str, m: int, n: int, k: int, device_kind: str | None = None) -> Entry:

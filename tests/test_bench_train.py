@@ -188,10 +188,15 @@ def test_streamed_checkpoint_is_quantized_as_it_loads(tmp_path):
     assert all(l.quantized for l in qnnx.lora_layers(ours).values())
 
 
-def test_bench_train_main_reports_and_trains(tmp_path):
+def test_bench_train_main_reports_and_trains(tmp_path, monkeypatch):
+    from pallas_kernels import tuning
+
+    monkeypatch.setattr(tuning, "MOSAIC_MIN_TILES", tuning.MOSAIC_MIN_TILES)   # --no-mosaic sets it
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     res = bench.main(["--shapes", "tiny", "--steps", "3", "--lr", "1e-2", "--ceiling-size", "128",
-                      "--out", str(out), "--plot", str(png)])
+                      "--no-mosaic", "--out", str(out), "--plot", str(png)])
+    # --no-mosaic: the tuning table's Mosaic GPU row is dropped even for a shape of 256 tiles
+    assert not tuning.get_config("forward", 4096, 2048, 2048, 64, device_kind="NVIDIA H200").mosaic
     data = json.loads(out.read_text())
     for key in ("benchmark", "device", "jax", "date", "command", "rows", "ceiling_tflop_s"):
         assert key in data, key

@@ -502,6 +502,15 @@ def test_tuning_table_fits_k():
         pk.get_config("decode", pk.DECODE_MAX_M + 1, 64, 64, 64)
 
 
+def test_tuning_table_keeps_the_mosaic_kernel_to_shapes_that_fill_the_device():
+    h100 = "NVIDIA H100 80GB HBM3"
+    big = pk.get_config("forward", 4096, 2048, 2048, 64, device_kind=h100)   # 16 x 16 tiles
+    assert big.mosaic and big.dequant_first
+    kv = pk.get_config("forward", 4096, 256, 2048, 64, device_kind=h100)    # 16 x 2 tiles
+    assert not kv.mosaic and kv.dequant_first and kv.replace(mosaic=True) == big
+    assert not pk.get_config("forward", 512, 4096, 4096, 64, device_kind=h100).mosaic   # the 512 row
+
+
 def test_config_overrides():
     """The tools' "key=value" overrides keep each field's type and refuse unknown keys."""
     cfg = TileConfig(lut="prmt").with_overrides(["block_n=16", "use_dot=0", "prefetch=3", "lut=tree"])
@@ -532,9 +541,9 @@ def test_x_planes_needs_whole_blocks():
 # the GPU tests below.
 
 
-def _mgpu_cfg(bm, bn, bk, stages, lut):
+def _mgpu_cfg(bm, bn, bk, stages, lut, cluster_n=1):
     return TileConfig(block_m=bm, block_n=bn, block_k=bk, num_stages=stages, group_m=2, lut=lut, mosaic=True,
-                      dequant_first=True)
+                      dequant_first=True, cluster_n=cluster_n)
 
 
 # seed, m, n, k, bs, dqbs, config, CTAs of the persistent grid
@@ -543,6 +552,7 @@ MGPU_CASES = [
     (91, 256, 256, 384, 32, None, _mgpu_cfg(64, 64, 128, 3, "prmt"), 2),   # 8 tiles walked by 2 CTAs
     (92, 128, 128, 512, 128, 64, _mgpu_cfg(128, 64, 64, 2, "prmt32"), 1),  # a block spans 2 K steps
     (97, 64, 128, 512, 256, 256, _mgpu_cfg(64, 64, 64, 2, "prmt"), 2),     # 4 K steps, 1 tile, 2 CTAs
+    (98, 128, 512, 256, 64, 256, _mgpu_cfg(64, 64, 64, 2, "prmt", 2), 4),  # clusters of 2 share x's tile
 ]
 
 
@@ -558,6 +568,25 @@ def test_nf4_matmul_mgpu(seed, m, n, k, bs, dqbs, cfg, sms):
     check(y, (m, n), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T, tol_ref=tol)
 
 
+def test_nf4_matmul_mgpu_float32_output(cluster_n=2, m=128, n=512, k=256, sms=4):
+    """out_dtype float32: y is the float32 accumulator (written as two bf16 parts), not rounded
+    to bf16: with the exact "prmt32" decode it matches float64 products of the decoded weight to
+    2e-5 (2.5e-6 measured), where the bf16 output is ~1.7e-3 off."""
+    p = Problem(99, n, k, 64, 256)
+    x, x64 = p.activations(m, k, pad_cols=0)
+    cfg = _mgpu_cfg(64, 64, 64, 2, "prmt32", cluster_n)
+    run = functools.partial(mg.nf4_matmul_mgpu, x, *p.arrays, spec=p.spec, config=cfg, num_sms=sms,
+                            interpret=INTERPRET)
+    y32, y16 = run(out_dtype=jnp.float32), run()
+    assert y32.dtype == jnp.float32 and y32.shape == (m, n) and y16.dtype == jnp.bfloat16
+    # the weight as the kernel multiplies it: decoded, rounded to bf16
+    wd = _common.dequantize_reference(*p.arrays, p.spec).astype(jnp.bfloat16)
+    wd = np.asarray(wd.astype(jnp.float32), np.float64)
+    ref = x64 @ wd.T
+    assert rel_err(y32, ref) <= 2e-5, rel_err(y32, ref)
+    assert rel_err(y16, ref) >= 1e-3, rel_err(y16, ref)   # the bf16 rounding the float32 path avoids
+
+
 def test_matmul_nt_takes_the_mosaic_kernel_where_it_serves(monkeypatch):
     calls = []
     kernel = mg.nf4_matmul_mgpu
@@ -566,9 +595,11 @@ def test_matmul_nt_takes_the_mosaic_kernel_where_it_serves(monkeypatch):
     cfg = _mgpu_cfg(64, 64, 64, 2, "prmt")
     for m in (128, 100):   # 100 is not a multiple of block_m: dequant_first serves it
         x, x64 = p.activations(m, 256, pad_cols=0)
-        y = pk.matmul_nt(x, *p.arrays, **_layout(p), config=cfg, interpret=INTERPRET)
-        check(y, (m, 128), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
-    assert calls == [(128, 256)]
+        for out_dtype in (None, jnp.float32):
+            y = pk.matmul_nt(x, *p.arrays, **_layout(p), config=cfg, out_dtype=out_dtype, interpret=INTERPRET)
+            assert y.dtype == (out_dtype or jnp.bfloat16)
+            check(y, (m, 128), pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
+    assert calls == [(128, 256)]   # float32 results and M=100 take dequant_first
 
 
 def test_mosaic_kernel_refuses_what_it_cannot_serve():
@@ -583,6 +614,8 @@ def test_mosaic_kernel_refuses_what_it_cannot_serve():
         run(x, *p.arrays, config=_mgpu_cfg(64, 128, 64, 2, "prmt"))
     with pytest.raises(ValueError, match="lut must be one of"):
         run(x, *p.arrays, config=_mgpu_cfg(64, 64, 64, 2, "tree"))
+    with pytest.raises(ValueError, match="writes bfloat16 or float32"):
+        run(x, *p.arrays, config=_mgpu_cfg(64, 64, 64, 2, "prmt"), out_dtype=jnp.float16)
     with pytest.raises(ValueError, match="shared memory"):
         run(x, *p.arrays, config=_mgpu_cfg(128, 64, 256, 8, "prmt"))
     with pytest.raises(ValueError, match="expected k=256"):
@@ -595,6 +628,8 @@ def test_mosaic_kernel_refuses_what_it_cannot_serve():
     with pytest.raises(ValueError, match="codes holds"):
         run(x, codes[:100], absmax, None, None, config=_mgpu_cfg(64, 64, 64, 2, "prmt"))
     assert not mg.servable(p.spec, 128, jnp.bfloat16, _mgpu_cfg(512, 64, 64, 2, "prmt"))  # wgmma N <= 256
+    assert not mg.servable(p.spec, 128, jnp.bfloat16, _mgpu_cfg(64, 64, 64, 2, "prmt", 2))  # N=128 < 2 CTAs' rows
+    assert not mg.servable(p.spec, 128, jnp.bfloat16, _mgpu_cfg(64, 32, 64, 2, "prmt", 4))  # clusters of 1 or 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -653,18 +688,26 @@ def test_gpu_mgpu_cases_compile(seed, m, n, k, bs, dqbs, cfg, sms):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("lut", ["prmt", "prmt32"])
+@pytest.mark.parametrize("lut,cluster_n,bk,stages", [("prmt", 1, 64, 4), ("prmt32", 1, 64, 4), ("prmt", 2, 128, 2)])
 @pytest.mark.parametrize("m,n,k", [(512, 11008, 4096), (256, 4096, 11008)])
-def test_gpu_mgpu_at_real_shape(lut, m, n, k):
-    """The Mosaic GPU kernel with the tuning sweep's tiles at real shapes, all SMs."""
+def test_gpu_mgpu_at_real_shape(lut, cluster_n, bk, stages, m, n, k):
+    """The Mosaic GPU kernel with the tuning sweeps' tiles at real shapes, all SMs."""
     p = Problem(95, n, k, 64, 256, pad_rows=0)
     x, x64 = p.activations(m, k, pad_cols=0)
-    cfg = _mgpu_cfg(256, 64, 64, 4, lut)
+    cfg = _mgpu_cfg(256, 64, bk, stages, lut, cluster_n)
     y = mg.nf4_matmul_mgpu(x, *p.arrays, spec=p.spec, config=cfg)
     ref = pk.nf4_matmul_reference(x, *p.arrays, spec=p.spec)
-    print(f"{lut} M={m} N={n} K={k}: rel. err. {rel_err(y, np.asarray(ref, np.float32))} against the reference, "
-          f"{rel_err(y, x64 @ p.w64.T)} against float64")
+    print(f"{lut} cluster {cluster_n} M={m} N={n} K={k}: rel. err. {rel_err(y, np.asarray(ref, np.float32))} "
+          f"against the reference, {rel_err(y, x64 @ p.w64.T)} against float64")
     check(y, (m, n), ref, x64 @ p.w64.T, tol_ref=1e-3 if lut == "prmt32" else 5e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cluster_n", [1, 2])
+def test_gpu_mgpu_float32_output(cluster_n):
+    """The float32 output compiled (two bf16 parts), small and at a real shape with all SMs."""
+    test_nf4_matmul_mgpu_float32_output(cluster_n)
+    test_nf4_matmul_mgpu_float32_output(cluster_n, m=512, n=4096, k=11008, sms=None)
 
 
 @pytest.mark.gpu

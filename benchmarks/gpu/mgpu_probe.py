@@ -19,12 +19,11 @@ import numpy as np
 import pallas_kernels as pk
 from experiments import bench_kernels as bk
 from pallas_kernels import _common, nf4_matmul_mgpu as mg
-from pallas_kernels.tuning import TileConfig
+from pallas_kernels.tuning import TABLE, TileConfig
 
 
 # the tuning table's Mosaic GPU row; a config on the command line overrides its fields
-BASE = TileConfig(block_m=256, block_n=64, block_k=64, group_m=8, num_stages=4, lut="prmt", mosaic=True,
-                  dequant_first=True)
+BASE = next(e.config for e in TABLE["H200"]["forward"] if e.config.mosaic)
 
 
 def cfg_of(s: str) -> TileConfig:
@@ -52,6 +51,9 @@ def main():
     ap.add_argument("--configs", nargs="*", default=["", "lut=prmt32"],
                     help="TileConfig overrides of BASE, e.g. block_m=128,block_n=128,num_stages=3")
     ap.add_argument("--check-configs", type=int, default=2, help="check the first N configs")
+    ap.add_argument("--float32", action="store_true",
+                    help="also time each config with float32 output (out_dtype=float32, as qlora_jax.ops asks) "
+                         "beside XLA's bf16 dot with a float32 result")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = jax.devices()[0]
@@ -79,6 +81,12 @@ def main():
         row["table_ms"] = bk.device_time(ops["pallas"], x, [(q,)], loop_step_s=step) * 1e3
         print(f"M={m} K={k} N={n}: bf16 {row['bf16_ms']:.4f} ms, table path {row['table_ms']:.4f} ms "
               f"({row['table_ms'] / row['bf16_ms']:.3f}x)", flush=True)
+        if a.float32:
+            def dot32(x, w):
+                return jax.lax.dot(x, w, preferred_element_type=jnp.float32)
+            row["bf16_f32out_ms"] = bk.device_time(dot32, x, [(w,)], loop_step_s=step) * 1e3
+            print(f"  bf16 dot, float32 out: {row['bf16_f32out_ms']:.4f} ms", flush=True)
+        layout = dict(n=n, k=k, block_size=64, dq_block_size=256, code_table=_common.CODE_TABLES["nf4"])
         for cs in a.configs:
             cfg = cfg_of(cs)
             if not mg.servable(pk.make_spec(n, k, 64, 256, _common.CODE_TABLES["nf4"]), m, x.dtype, cfg):
@@ -93,6 +101,18 @@ def main():
             except Exception as e:
                 row[cs] = bk._err(e)
                 print(f"  {cs:28s} ERROR {bk._err(e)}", flush=True)
+            if a.float32:
+                def f32(x, q, cfg=cfg):
+                    return pk.matmul_nt(x, q.codes, q.absmax, q.absmax_scale, q.absmax_offset, **layout,
+                                        config=cfg, out_dtype=jnp.float32)
+                try:
+                    t = bk.device_time(f32, x, [(q,)], loop_step_s=step) * 1e3
+                    row[cs + " f32"] = t
+                    print(f"  {cs + ' f32':28s} {t:.4f} ms  {t / row['bf16_f32out_ms']:.3f}x bf16 dot with "
+                          f"float32 out", flush=True)
+                except Exception as e:
+                    row[cs + " f32"] = bk._err(e)
+                    print(f"  {cs + ' f32':28s} ERROR {bk._err(e)}", flush=True)
         res["rows"].append(row)
     if a.out:
         with open(a.out, "w") as fh:
