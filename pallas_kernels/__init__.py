@@ -137,7 +137,7 @@ def _training_product(a: jax.Array, weight: tuple, spec: QuantSpec, cfg: TileCon
     dtype, else the fused Triton kernel."""
     # not for float32 results: the kernel writes them as two bf16 parts summed by XLA, and the
     # training step (which asks for float32) ran 0.5-6% slower on it than on dequant_first (run42)
-    if cfg.mosaic and not transposed and jnp.dtype(out_dtype) != jnp.dtype(jnp.float32):
+    if cfg.mosaic and not transposed and out_dtype != jnp.float32:
         # imported here: Mosaic GPU's Pallas module adds ~0.4 s to importing this package
         from pallas_kernels import nf4_matmul_mgpu  # noqa: PLC0415
 

@@ -83,11 +83,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import _common, byte_lut
 from pallas_kernels._common import QuantSpec
-from pallas_kernels.tuning import TileConfig
+from pallas_kernels.tuning import MOSAIC_COMPUTE_WGS, TileConfig
 
 __all__ = ["servable", "nf4_matmul_mgpu"]
 
-_NUM_COMPUTE_WGS = 2
 _SMEM_BYTES = 227 * 1024   # shared memory a CTA can have on Hopper
 _EPI = 64                  # the epilogue stores the output in 64x64 tiles
 
@@ -97,10 +96,10 @@ def _smem_bytes(config: TileConfig, scale_rows: int, epilogue_slots: int, out_by
     (``out_bytes`` an element) and, in interpret mode, one decoded tile a warpgroup (barriers
     aside)."""
     bm, bn, bk = config.block_m, config.block_n, config.block_k
-    cta_n = _NUM_COMPUTE_WGS * bn
+    cta_n = MOSAIC_COMPUTE_WGS * bn
     stage = bm * bk * 2 + cta_n * bk // 2 + scale_rows * cta_n * 4
-    staged = _NUM_COMPUTE_WGS * bn * bk * 2 if interpret else 0
-    return config.num_stages * stage + staged + _NUM_COMPUTE_WGS * epilogue_slots * _EPI * _EPI * out_bytes
+    staged = MOSAIC_COMPUTE_WGS * bn * bk * 2 if interpret else 0
+    return config.num_stages * stage + staged + MOSAIC_COMPUTE_WGS * epilogue_slots * _EPI * _EPI * out_bytes
 
 
 def _epilogue_slots(config: TileConfig, scale_rows: int, out_bytes: int, interpret: bool) -> int:
@@ -125,7 +124,7 @@ def servable(spec: QuantSpec, m: int, dtype: Any, config: TileConfig) -> bool:
     bm, bn, bk, bs = config.block_m, config.block_n, config.block_k, spec.block_size
     return (jnp.dtype(dtype) == jnp.dtype(jnp.bfloat16) and bm % 64 == 0 and bm <= 256 and m % bm == 0
             and bn % 64 == 0 and config.cluster_n in (1, 2)
-            and spec.n % (_NUM_COMPUTE_WGS * bn * config.cluster_n) == 0 and bk % 64 == 0 and bk <= 256
+            and spec.n % (MOSAIC_COMPUTE_WGS * bn * config.cluster_n) == 0 and bk % 64 == 0 and bk <= 256
             and spec.k % bk == 0 and bs >= 32 and (bk % bs == 0 or bs % bk == 0))
 
 
@@ -269,7 +268,7 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
     bs = spec.block_size
     lut = config.lut
     _program(spec, lut)   # refuses a lookup this kernel has no program for
-    cta_n = _NUM_COMPUTE_WGS * bn
+    cta_n = MOSAIC_COMPUTE_WGS * bn
     cluster = config.cluster_n
     m_iters, n_iters, k_iters = m // bm, n // (cta_n * cluster), k // bk
     scale_rows = max(1, bk // bs)           # scale rows (K blocks) a step
@@ -305,7 +304,7 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
                                     memory_space=plgpu.SMEM),
                 ],
                 wg_axis="wg",
-                num_compute_wgs=_NUM_COMPUTE_WGS,
+                num_compute_wgs=MOSAIC_COMPUTE_WGS,
                 max_concurrent_steps=config.num_stages,
                 compute_context=compute_context,
             )
@@ -339,7 +338,7 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
                             slot = ei % n_slots
                             part = out[e_n, e_m]
                             hi = part.astype(jnp.bfloat16)
-                            vals = (hi, (part - hi.astype(jnp.float32)).astype(jnp.bfloat16))[:parts]
+                            vals = [hi] if parts == 1 else [hi, (part - hi.astype(jnp.float32)).astype(jnp.bfloat16)]
                             plgpu.wait_smem_to_gmem(n_slots - 1, wait_read_only=True)
                             for p, v in enumerate(vals):
                                 o_smem.at[wg, slot, p].T[...] = v
@@ -370,10 +369,10 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-    scratch = dict(o_smem=plgpu.SMEM((_NUM_COMPUTE_WGS, n_slots, parts, _EPI, _EPI), jnp.bfloat16,
+    scratch = dict(o_smem=plgpu.SMEM((MOSAIC_COMPUTE_WGS, n_slots, parts, _EPI, _EPI), jnp.bfloat16,
                                      transforms=o_tf))
     if interpret:
-        scratch["w_smem"] = plgpu.SMEM((_NUM_COMPUTE_WGS, bn, bk), jnp.bfloat16,
+        scratch["w_smem"] = plgpu.SMEM((MOSAIC_COMPUTE_WGS, bn, bk), jnp.bfloat16,
                                        transforms=_tile_transforms(bk * 2, 16))
     kern = plgpu.kernel(
         kernel,
@@ -382,7 +381,7 @@ def nf4_matmul_mgpu(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_sc
         grid_names=("sm",),
         cluster=(cluster,),
         cluster_names=("cluster",),
-        num_threads=_NUM_COMPUTE_WGS + 1,
+        num_threads=MOSAIC_COMPUTE_WGS + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
         scratch_types=scratch,

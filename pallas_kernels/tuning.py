@@ -47,7 +47,7 @@ from collections.abc import Iterable
 import jax
 
 __all__ = ["TileConfig", "Entry", "TABLE", "get_config", "get_entry", "device_family", "DECODE_MAX_M",
-           "MOSAIC_MIN_TILES"]
+           "MOSAIC_COMPUTE_WGS", "MOSAIC_MIN_TILES"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,7 +252,10 @@ TABLE: dict[str, dict[str, tuple[Entry, ...]]] = {
 # Largest M that the decode kernel serves; above it matmul_nt uses the forward kernel.
 DECODE_MAX_M = 16
 
-# The fewest output tiles (CTAs' ``block_m x 2*block_n``) for which `get_config` keeps a ``mosaic``
+# Computing warpgroups a CTA of the Mosaic GPU kernel; each takes ``block_n`` weight rows.
+MOSAIC_COMPUTE_WGS = 2
+
+# The fewest output tiles (CTAs' ``block_m x MOSAIC_COMPUTE_WGS*block_n``) for which `get_config` keeps a ``mosaic``
 # row. The persistent kernel runs a CTA a tile: in a training step (run40) the K/V projections of
 # the TinyLlama shape (M=4096, N=256: 32 tiles) ran on a quarter of the H200's 132 SMs, where
 # dequant_first's cuBLAS call spreads the product over all of them; at 128 tiles (M=1024, K=N=4096)
@@ -287,7 +290,7 @@ def get_config(op: str, m: int, n: int, k: int, block_size: int,
     """
     entry = get_entry(op, m, n, k, device_kind)
     cfg = entry.config
-    if cfg.mosaic and (m // cfg.block_m) * (n // (2 * cfg.block_n)) < MOSAIC_MIN_TILES:
+    if cfg.mosaic and (m // cfg.block_m) * (n // (MOSAIC_COMPUTE_WGS * cfg.block_n)) < MOSAIC_MIN_TILES:
         cfg = cfg.replace(mosaic=False)   # too few tiles to fill the device: dequant_first serves it
     return fit_block_k(cfg, k, block_size)
 
