@@ -315,31 +315,31 @@ def sweep_candidates(op: str, m: int) -> list:
     from pallas_kernels.tuning import TileConfig as C
 
     if op == "decode" and m == 1:
-        # Round 9 (2026-12-03, second session): the pair-dot path with x in byte planes
-        # (``x_planes``: one word tile a K step, x loaded in vectors once for all the rows a
-        # thread holds; Nsight Compute had the round-8 row at 67% L1 throughput, 24% DRAM, with
-        # four scalar x loads a weight word) over rows, K step, splits, warps and prefetch, beside
-        # round 8's best (the table's M=1 row) and the table's dot row.
-        # (block_n, block_k, split_k, warps, prefetch); block_n x block_k/8 / (32 x warps) is the
-        # words a thread holds a step.
-        # Round 9 (run26) had 16/1024/1/4/1, 16/1024/1/4/0, 8/1024/1/2/1, 16/512/1/2/1, 32/512/2/4/1,
-        # 32/256/8/2/1 (best mean: 0.59x / 0.69x / 0.86x bf16 at K=4096 N=11008 / K=11008 N=4096 /
-        # K=N=4096, the round-8 row 0.72x / 0.93x / 1.03x), 8/512/2/1/1, 16/2048/1/8/0, 64/256/4/4/1,
-        # 16/1024/2/4/1, 8/1024/1/4/1, 16/1024/1/8/1. Round 9b (run27): splits and rows around the
-        # best; best mean 16/256/8/1/1 (0.58x / 0.69x / 0.84x), 32/256/8/2/1 next (0.59x / 0.69x /
-        # 0.85x). Round 9c (run28): the table words as one register a thread (168 -> 86-128
-        # registers): best mean 8/256/8/1/1. Rounds 9-9c timed a loop in which XLA shrank the
-        # split-K sum to the one element read and computed x's planes once for all calls
-        # (`benchmarks/gpu/loop_hlo.py`); round 10 times each call whole (`timing_loop`), so the
-        # configs without a split (no second kernel) are back in.
-        grid = [(16, 256, 8, 1, 1), (8, 256, 8, 1, 1), (32, 256, 8, 2, 0), (16, 512, 8, 2, 1),
-                (32, 512, 4, 4, 1), (8, 1024, 2, 2, 1), (16, 1024, 2, 4, 1), (16, 1024, 1, 4, 1),
-                (8, 1024, 1, 2, 1), (16, 512, 1, 2, 1), (8, 512, 1, 1, 1), (16, 256, 16, 1, 1)]
-        cands = [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=1, lut="prmt", use_dot=False,
-                   pair_fma=True, prefetch=pf, x_planes=True) for bn, bk, sk, nw, pf in grid]
-        return cands + [C(block_n=32, block_k=256, split_k=8, num_warps=2, num_stages=1, lut="prmt", use_dot=False,
-                          pair_fma=True, prefetch=1),
-                        C(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt")]
+        # Round 11 (2026-12-04, run44): ``x_direct`` (x in its own order, a thread's 4 packed
+        # words and their 16 x words in one program call; K steps masked past k), without a K
+        # split, so that the call is one kernel (no transpose of x, no split-K sum), beside the
+        # table's x_planes row; both load a step's scale codes ahead and look them up in the step
+        # that uses them (the lookup had waited on the prefetched load in the same iteration).
+        # One vector (32 weights) a thread a step took 0.81-0.97x bf16 at K=4096 N=11008 and
+        # K=N=4096; two (8 rows, 1024-wide steps, 4 warps) 0.61x / 0.71x (x_planes 0.65x / 0.87x,
+        # and 0.73x at K=11008 N=4096, where that x_direct config took 0.84x). At M=4 x_direct
+        # took 2.1-2.9x (the dot 1.04-1.10x). Round 12: two vectors a thread over the CTA's
+        # rows, K step, warps and split (four vectors need 166-255 registers, offline SASS).
+        # Rounds 8-10 are in the tuning table's comments. (block_n, block_k, split_k, warps,
+        # prefetch); block_n x block_k/32 / (32 x warps) is the vectors a thread holds a step.
+        # Round 12 (run45): the best of 10 configs 0.61-0.62x / 0.72x / 0.78-0.80x bf16 (K=4096
+        # N=11008 / K=N=4096 / K=11008 N=4096), x_planes 0.65x / 0.86x / 0.71x. Round 12b
+        # (run46), x loaded where it is used, not carried ahead (16 registers a vector: two
+        # vectors a thread 96 -> 66 registers), the weights 1-3 steps ahead: 2 rows, 2048-wide
+        # steps, 2 warps, one step ahead 0.57x / 0.71x / 0.78x (x_planes 0.64x / 0.85x /
+        # 0.69x), so the table gives x_direct K <= N. Round 12c
+        # (run47, K=11008 N=4096 only): x_direct with K splits, against x_planes' row there.
+        grid = [(2, 2048, 1, 2, 1), (4, 1024, 1, 2, 1), (2, 2048, 2, 2, 1), (2, 2048, 4, 2, 1),
+                (4, 1024, 4, 2, 1), (8, 1024, 4, 4, 1)]
+        return [C(block_n=bn, block_k=bk, split_k=sk, num_warps=nw, num_stages=1, lut="prmt", use_dot=False,
+                  pair_fma=True, prefetch=pf, x_direct=True) for bn, bk, sk, nw, pf in grid] + [
+            C(block_n=8, block_k=256, split_k=8, num_warps=1, num_stages=1, lut="prmt", use_dot=False,
+              pair_fma=True, prefetch=1, x_planes=True)]
     if op == "decode":
         # M = 2..16: the tensor-core dot (block_n, block_k, split_k, warps, stages) around the
         # table's row (rounds 4-6 in the tuning table's comments), and (round 10, each call
@@ -386,7 +386,8 @@ def sweep_candidates(op: str, m: int) -> list:
 
 
 SWEEP_CASES = [("decode", 4096, 11008, 1), ("decode", 11008, 4096, 1), ("decode", 4096, 4096, 1),
-               ("decode", 4096, 11008, 4), ("decode", 4096, 11008, 16),
+               ("decode", 4096, 11008, 4), ("decode", 11008, 4096, 4), ("decode", 4096, 4096, 4),
+               ("decode", 4096, 11008, 16),
                ("forward", 4096, 11008, 4096), ("input_grad", 4096, 11008, 4096),
                ("forward", 4096, 4096, 4096), ("input_grad", 4096, 4096, 4096),
                ("forward", 11008, 4096, 4096), ("forward", 4096, 11008, 2048), ("forward", 4096, 4096, 2048)]
@@ -456,13 +457,16 @@ def best_configs(sweep_rows: list[dict]) -> dict:
 
 
 def _override(overrides: dict | None, op: str, m: int):
-    """The swept config for ``op`` whose M is the smallest >= m (else the largest), or None."""
+    """The swept config for ``op`` whose M is the smallest >= m (else the largest; for decode,
+    not across M=1 and M>1), or None."""
     if not overrides:
         return None
     ms = sorted(mm for (o, mm) in overrides if o == op)
     if not ms:
         return None
     pick = next((mm for mm in ms if mm >= m), ms[-1])
+    if op == "decode" and (pick == 1) != (m == 1):
+        return None   # M=1 and M>1 take different decode paths: one's sweep says nothing of the other
     return overrides[(op, pick)]
 
 
@@ -471,7 +475,7 @@ def _cfg_str(c) -> str:
             f"{c.lut}{' dot' if c.use_dot else ''}{' pair_fma' if c.pair_fma else ''}"
             f"{f' prefetch{int(c.prefetch)}' if c.prefetch else ''}{' swap_ab' if c.swap_ab else ''}"
             f"{' dequant_first' if c.dequant_first else ''}{' decode_kn' if c.decode_kn else ''}"
-            f"{' x_planes' if c.x_planes else ''}{' mosaic' if c.mosaic else ''}")
+            f"{' x_planes' if c.x_planes else ''}{' x_direct' if c.x_direct else ''}{' mosaic' if c.mosaic else ''}")
 
 
 # ------------------------------------------------------------------------------------------

@@ -332,31 +332,56 @@ def load_block_scales(spec: QuantSpec, refs: "ScaleRefs", row0: jax.Array, rows:
     ``kb`` (a traced scalar), decoding double quant in the kernel; with ``cols``, float32
     [rows, cols] of the block columns ``kb .. kb+cols``.
 
-    ``valid`` (bool [rows] or None) masks rows that do not exist; their scale reads as 0.
+    ``valid`` (bool [rows] or None) masks rows that do not exist; their scale reads as a finite
+    placeholder (0, or with double quant the offset).
     """
     rows_at = pl.ds(row0, rows)
     at = (rows_at, kb) if cols is None else (rows_at, pl.ds(kb, cols))
     mask = valid if valid is None or cols is None else valid[:, None]
-    if mask is None:
-        raw = refs.absmax[at]
-    else:
-        raw = pltriton.load(refs.absmax.at[at], mask=mask, other=0)
+    raw = refs.absmax[at] if mask is None else pltriton.load(refs.absmax.at[at], mask=mask, other=0)
     if not spec.double_quant:
         return raw
-    # 8-bit code -> table (a gather from a 256-entry ref, once per block, not per element)
-    # -> * second-level scale (gathered by flat block index) + offset.
-    dec = pltriton.load(refs.table.at[raw.astype(jnp.int32)])
     flat = (row0 + jnp.arange(rows, dtype=jnp.int32)) * spec.blocks_per_row
     flat = flat + kb if cols is None else flat[:, None] + (kb + jnp.arange(cols, dtype=jnp.int32))[None, :]
-    sidx = jax.lax.div(flat, jnp.int32(spec.dq_block_size))  # flat >= 0: no floor-division select
-    n_scales = refs.scale.shape[0]
+    return finish_block_scales(spec, refs, (raw, _load_dq_scales(refs, flat, spec.dq_block_size, mask)))
+
+
+def gather_block_scale_parts(spec: QuantSpec, refs: "ScaleRefs", rows: jax.Array, kb: jax.Array,
+                             mask: jax.Array | None) -> tuple[jax.Array, jax.Array | None]:
+    """The loads behind the first-level scales at index arrays ``rows`` (weight rows) and ``kb``
+    (block columns), broadcast against each other (e.g. ``[r, 1, 1]`` and ``[1, v, 1]``):
+    ``(absmax, None)`` (float32) or, with double quant, ``(uint8 codes, float32 second-level
+    scales)``. `finish_block_scales` makes the scales of them. Split so that a loop can load a
+    later step's parts ahead and leave only the lookup of the codes, which depends on a load,
+    to the step that uses them. Where ``mask`` (broadcastable, or None) is False nothing is read
+    and the scale comes out as a finite placeholder (0, or with double quant the offset)."""
+    shape = jnp.broadcast_shapes(rows.shape, kb.shape)
+    rows, kb = jnp.broadcast_to(rows, shape), jnp.broadcast_to(kb, shape)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, shape)
+    raw = pltriton.load(refs.absmax.at[rows, kb], mask=mask, other=0 if mask is not None else None)
+    if not spec.double_quant:
+        return raw, None
+    return raw, _load_dq_scales(refs, rows * spec.blocks_per_row + kb, spec.dq_block_size, mask)
+
+
+def finish_block_scales(spec: QuantSpec, refs: "ScaleRefs", parts: tuple[jax.Array, jax.Array | None]) -> jax.Array:
+    """float32 first-level scales from `gather_block_scale_parts`' loads: with double quant the
+    8-bit code -> table (a gather from a 256-entry ref, cached) -> * second-level scale + offset."""
+    raw, dq_scale = parts
+    if not spec.double_quant:
+        return raw
+    return pltriton.load(refs.table.at[raw.astype(jnp.int32)]) * dq_scale + refs.offset[0]
+
+
+def _load_dq_scales(refs: "ScaleRefs", flat: jax.Array, dq_block_size: int, mask: jax.Array | None) -> jax.Array:
+    """float32 second-level scales of the blocks at flat block indices ``flat`` (>= 0)."""
+    sidx = jax.lax.div(flat, jnp.int32(dq_block_size))  # flat >= 0: no floor-division select
     if mask is None:
-        scale = pltriton.load(refs.scale.at[sidx])
-    else:
-        # clamp so that even a masked lane's address is inside the array
-        sidx = jnp.minimum(sidx, n_scales - 1)
-        scale = pltriton.load(refs.scale.at[sidx], mask=jnp.broadcast_to(mask, sidx.shape), other=0)
-    return dec * scale + refs.offset[0]
+        return pltriton.load(refs.scale.at[sidx])
+    # clamp so that even a masked lane's address is inside the array
+    sidx = jnp.minimum(sidx, refs.scale.shape[0] - 1)
+    return pltriton.load(refs.scale.at[sidx], mask=jnp.broadcast_to(mask, sidx.shape), other=0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -52,8 +52,9 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["Program", "pairs_program", "words_program", "pair_dot_program", "table_words", "table_tile",
-           "decode_pair_words", "decode_pairs", "split_pair_words", "decode_words",
-           "pair_dot_accumulate", "pair_dot_sums", "run_program", "DTYPES", "N_TABLE_WORDS"]
+           "dot4_table_tile", "decode_pair_words", "decode_pairs", "split_pair_words", "decode_words",
+           "pair_dot_accumulate", "pair_dot_sums", "pair_dot4_program", "pair_dot4_accumulate", "run_program",
+           "DTYPES", "N_TABLE_WORDS", "DOT4_TABLE_OPERANDS"]
 
 DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 _NEG_ZERO2 = 0x80008000   # (-0, -0) in bf16x2 and f16x2 alike: the addend of a plain product
@@ -318,6 +319,44 @@ def pair_dot_program(dtype_name: str, scaled: bool = True) -> Program:
     return Program(tuple(ops), first_table + N_TABLE_WORDS, 1, dtype_name)
 
 
+# Operands of `pair_dot4_program`, 4 registers each (``pack=4``): the packed words, 4 x operands,
+# scale, sum, then the table words in DOT4_TABLE_OPERANDS operands (zero-padded to 12 words).
+DOT4_TABLE_OPERANDS = -(-N_TABLE_WORDS // 4)
+
+
+@functools.lru_cache(maxsize=8)
+def pair_dot4_program() -> Program:
+    """`pair_dot_program` (bf16, scaled) on a thread's vector of 4 packed words at once, taking
+    its 16 x words in x's own order (``elementwise_inline_asm`` with ``pack=4``, 4 registers an
+    operand, in operand order).
+
+    Inputs: ``in0..3`` words ``u = 0..3`` (32 consecutive weights of one block); ``in4..19``
+    x: operand ``q`` (``in{4+4q}..in{7+4q}``) holds x words ``4q..4q+3`` of the vector, the
+    pairs of word ``q``'s bytes 0..3, so each operand is 16 contiguous bytes of x; ``in20..23``
+    the float32 scale of each word; ``in24..27`` the float32 sums; ``in28..39`` the table words
+    (`table_words`, then zeros). Output: ``out{u} = in{24+u} + in{20+u} * (word u's dot)``."""
+    one = pair_dot_program("bfloat16", scaled=True)
+    ops: list = []
+    for u in range(4):
+        names = {"in0": f"in{u}", f"in{_DOT_SCALE}": f"in{20 + u}", f"in{_DOT_ACC}": f"in{24 + u}",
+                 "out0": f"out{u}"}
+        names.update({f"in{_DOT_X + j}": f"in{4 + 4 * u + j}" for j in range(4)})
+        names.update({f"in{_DOT_TABLE + t}": f"in{28 + t}" for t in range(N_TABLE_WORDS)})
+        rename = lambda a: a if not isinstance(a, str) else names.get(a, f"u{u}{a}")  # noqa: E731,B023
+        ops += [(op, rename(dst), *(rename(a) for a in args)) for op, dst, *args in one.ops]
+    return Program(tuple(ops), 28 + 4 * DOT4_TABLE_OPERANDS, 4, "bfloat16")
+
+
+def dot4_table_tile(values: Sequence[float], dtype: Any, v: int) -> np.ndarray:
+    """int32 ``[DOT4_TABLE_OPERANDS, v, 4]``: the table operands of `pair_dot4_program` (table
+    words ``4a..4a+3`` in operand ``a``), repeated for ``v`` vectors, for a kernel to load as
+    ``[1, v, 4]`` tiles (addresses that differ between threads: see `pair_dot_accumulate`)."""
+    words = np.zeros(4 * DOT4_TABLE_OPERANDS, np.int32)
+    words[:N_TABLE_WORDS] = table_words(values, dtype)
+    return np.ascontiguousarray(np.broadcast_to(words.reshape(DOT4_TABLE_OPERANDS, 1, 4),
+                                                (DOT4_TABLE_OPERANDS, v, 4)))
+
+
 @functools.lru_cache(maxsize=64)
 def words_program(values: tuple[float, ...], dtype_name: str) -> Program:
     """Input: a word of 4 packed bytes (``in0``) and four float32 scales (``in1..in4``, one a
@@ -444,6 +483,41 @@ def pair_dot_sums(words: jax.Array, x_words: Sequence[jax.Array], table: Sequenc
     shape = words.shape
     args = [words, *(jnp.broadcast_to(x, shape) for x in x_words), *(jnp.broadcast_to(t, shape) for t in table)]
     return _run_dot(pair_dot_program("bfloat16", scaled=False), args, interpret)
+
+
+def pair_dot4_accumulate(words: jax.Array, x_words: Sequence[jax.Array], scale: jax.Array, acc: jax.Array,
+                         table: Sequence[jax.Array], *, interpret: bool) -> jax.Array:
+    """float32, ``words``' shape ``[..., 4]``: ``acc + scale * dot`` for each packed word, where
+    the last axis holds a thread's vector of 4 words (32 weights in one block) and
+    ``x_words[q]`` the x words ``4q..4q+3`` of that vector (x's own order: `pair_dot4_program`).
+
+    Args:
+      words: int32 ``[..., 4]``.
+      x_words: 4 int32 arrays broadcastable to ``words``' shape.
+      scale: float32 broadcastable to ``words``' shape (one block scale a vector).
+      acc: float32 running sums, ``words``' shape.
+      table: `DOT4_TABLE_OPERANDS` int32 arrays broadcastable to it (`dot4_table_tile`).
+    """
+    if words.dtype != jnp.int32 or words.ndim < 2 or words.shape[-1] != 4:
+        raise ValueError(f"words must be an int32 [..., 4] tile, got {words.dtype} {words.shape}")
+    if len(x_words) != 4 or len(table) != DOT4_TABLE_OPERANDS:
+        raise ValueError(f"need 4 x operands and {DOT4_TABLE_OPERANDS} table operands, "
+                         f"got {len(x_words)}, {len(table)}")
+    shape = words.shape
+    as_words = lambda a: jnp.broadcast_to(jax.lax.bitcast_convert_type(a, jnp.int32), shape)  # noqa: E731
+    args = [words, *(as_words(x) for x in x_words), as_words(scale.astype(jnp.float32)),
+            as_words(acc.astype(jnp.float32)), *(as_words(t) for t in table)]
+    prog = pair_dot4_program()
+    if interpret:
+        ins = [jax.lax.bitcast_convert_type(a[..., e], jnp.uint32) for a in args for e in range(4)]
+        out = jnp.stack(run_program(prog, ins), axis=-1)
+    else:
+        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
+
+        (out,) = pltriton.elementwise_inline_asm(
+            prog.ptx(), args=args, constraints=",".join(["=r"] * 4 + ["r"] * prog.n_in), pack=4,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
+    return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 
 def _check_dot_operands(words: jax.Array, x_words: Sequence[jax.Array], table: Sequence[jax.Array]) -> None:

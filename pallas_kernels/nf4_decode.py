@@ -40,18 +40,35 @@ unscaled sums (`byte_lut.pair_dot_sums`) are added a block and scaled once a blo
 words come as ``[1, block_k/32, 1]`` tiles against ``[rows, words/4, 4]`` views of the tiles:
 one register a table word in each thread (168 -> 86 registers at 16 rows, 1 warp).
 
+With ``x_direct`` instead (`TileConfig.x_direct`), x is read in its own order, as int32 words:
+a thread's vector of 4 packed words (32 weights of one block) and the 16 contiguous x words
+they pair with (4 16-byte loads, in the weight tile's layout) go into one ``pack=4`` program
+call (`byte_lut.pair_dot4_accumulate`) with the vector's block scale, which adds each word's
+scaled dot to a float32 sum a word; the sums are reduced once, after the loop. K steps are
+whole blocks and need not divide K (the last one is masked), so a program can take all of K:
+with ``split_k=1`` the call is this one kernel, with no transpose of x and no split-K sum.
+
+On the pair_fma paths a step loaded ahead carries its scales' loads (the 8-bit codes and the
+second-level scales, `_common.gather_block_scale_parts`), and the step that uses them looks
+the codes up (`_common.finish_block_scales`): done where the step was loaded, the lookup waited
+on the load it had just issued, a memory latency every iteration.
+
 Measured (H200, jax 0.11.2, NF4 + double quant, bitsandbytes 0.50 in the same run, device-side,
-each call timed whole: `experiments/bench_kernels.timing_loop`; 2026-12-03, run29,
-`benchmarks/README.md`): at M=1 the x_planes row (8 rows, 256-wide K steps, 8 K splits, 1 warp,
-one step ahead) takes 0.0173 ms = 0.66x XLA cuBLAS bf16 at K=4096 N=11008 (1.35 TB/s of packed
-weight; bitsandbytes 0.91x), 0.66x at K=11008 N=4096 (bitsandbytes 0.95x) and 0.90x at
-K=N=4096 (bitsandbytes 1.03x); the call includes XLA's split-K sum and x's transpose. The
-same tile without x_planes took 0.74x / 0.96x / 0.93x in the same sweep. At M=4 and M=16 the dot
-config (128 rows, 64-wide steps, 16 splits, 4 warps) takes 0.99-1.11x (bitsandbytes
-2.3-3.5x). Plain XLA dequantize->dot takes 7-9x. The target, 0.40x bf16 at M=1, is not reached:
-Nsight Compute (run26) puts the x_planes kernel at ~28% of DRAM bandwidth with 0.5
-instructions issued a cycle per scheduler (~36 SASS instructions a weight word, of them ~22
-for the lookup), so it is bound by latency and issue, not bytes.
+each call timed whole: `experiments/bench_kernels.timing_loop`; 2026-12-04, runs 44-48,
+`benchmarks/README.md`): at M=1, K <= N, the x_direct row (2 rows, 2048-wide K steps, no split,
+2 warps, one step ahead: two vectors a thread, 66 registers) takes 0.0152 ms = 0.54x XLA cuBLAS
+bf16 at K=4096 N=11008 (1.53 TB/s of packed weight; bitsandbytes 0.85x; 0.58x in run47, where
+cuBLAS took 0.0269 ms instead of 0.0282), 0.68x at K=N=4096 (bitsandbytes 0.99x) and at
+K=N=8192 (bitsandbytes 1.04x); past K = N the x_planes row (8 rows, 256-wide K steps, 8 K
+splits, 1 warp, one step ahead) takes 0.69-0.70x at K=11008 N=4096 (bitsandbytes 0.93x;
+x_direct 0.78-0.85x there, with or without K splits). Before x_direct
+(2026-12-03, run29) the x_planes row took 0.66x / 0.90x / 0.66x (K=4096 N=11008 / K=N=4096 /
+K=11008 N=4096). At M=4 and M=16 the dot config (128 rows, 64-wide steps, 16 splits, 4 warps)
+takes 0.98-1.14x (bitsandbytes 2.2-3.5x); x_direct at M=4 took 2.1-2.9x. Plain XLA
+dequantize->dot takes 7-9x. The target, 0.40x bf16 at M=1, is not reached: Nsight Compute
+(run26) put the x_planes kernel at ~28% of DRAM bandwidth with 0.5 instructions issued a cycle
+per scheduler (~36 SASS instructions a weight word, of them ~22 for the lookup; x_direct's loop
+is 38-44 a word in offline SASS), so it is bound by latency and issue, not bytes.
 """
 
 from __future__ import annotations
@@ -63,7 +80,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import _common, byte_lut
+from pallas_kernels import _common, byte_lut, tuning
 from pallas_kernels._common import QuantSpec
 from pallas_kernels.tuning import TileConfig
 
@@ -90,8 +107,14 @@ def uses_x_planes(cfg: TileConfig, dtype) -> bool:
     return cfg.x_planes and uses_pair_fma(cfg, dtype)
 
 
+def uses_x_direct(cfg: TileConfig, dtype) -> bool:
+    """Whether the pair_fma path reads x in its own order, a thread's vector of 4 packed words
+    (32 weights) with its 16 x words in one program call (`TileConfig.x_direct`)."""
+    return cfg.x_direct and uses_pair_fma(cfg, dtype)
+
+
 def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, steps_per_split: int,
-            x_words: bool, pair_fma: bool, x_planes: bool, interpret: bool):
+            x_words: bool, pair_fma: bool, x_planes: bool, x_direct: bool, interpret: bool):
     *w_refs, o_ref = refs
     codes_ref, scale_refs, lut_ref = _common.split_weight_refs(spec, w_refs[:n_in], cfg.lut)
     bn, bk = cfg.block_n, cfg.block_k
@@ -100,7 +123,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
     pid_n, pid_s = pl.program_id(0), pl.program_id(1)
     n0 = pid_n * bn
     mask_n = (n0 + jnp.arange(bn) < n) if n % bn else None
-    total = k // bk
+    total = -(-k // bk)   # x_direct: the last step may run past k (masked)
     lo = pid_s * steps_per_split
     hi = jnp.minimum(lo + steps_per_split, total)
     mp = _DOT_M if cfg.use_dot else m
@@ -147,7 +170,58 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
         # steps (a register pipeline) so that their loads are in flight during this step's
         # arithmetic; x is small and cache-resident, and is loaded where it is used.
         table_ref = w_refs[n_in]
-        if x_planes:
+        if x_direct:
+            # A K step is a [bn, v, 4] word tile (v vectors of 4 words, 32 weights of one block,
+            # a row), the last step masked where K is not a multiple of block_k. x comes as its own
+            # int32 words: operand q of a vector is the 16 contiguous bytes of x that word q's
+            # bytes pair with, loaded in the weight tile's layout (a zero row stride), so there is
+            # no transpose of x; the block scale goes into the same program call, which adds the
+            # scaled dot to a float32 sum a word (`byte_lut.pair_dot4_accumulate`).
+            w = bk // 8
+            v, kw = w // 4, spec.k // 8
+            table = [table_ref[pl.ds(a, 1), :, :] for a in range(byte_lut.DOT4_TABLE_OPERANDS)]
+            acc_shape = (bn, v, 4)
+            rows3 = (n0 + jnp.arange(bn, dtype=jnp.int32))[:, None, None]
+            vec = jnp.arange(v, dtype=jnp.int32)[None, :, None]
+            lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]
+            # block column of each vector within a step (steps are whole blocks; vec >= 0, so the
+            # truncating divide is the floor)
+            vec_block = jax.lax.div(vec * 32, jnp.int32(spec.block_size))
+            ragged = kw % w != 0
+
+            def step_mask(step, width):
+                """bool mask of a step's [bn, v, width] tile: rows < n and words < k/8."""
+                mask = None if mask_n is None else mask_n[:, None, None]
+                if ragged:
+                    mk = (step * w + 4 * vec) < kw
+                    mask = mk if mask is None else mask & mk
+                return None if mask is None else jnp.broadcast_to(mask, (bn, v, width))
+
+            def load_step(step):
+                """The step's weight words and its scales' loads (what a step loaded ahead carries)."""
+                mask = step_mask(step, 4)
+                wt = pltriton.load(codes_ref.at[jnp.broadcast_to(rows3, (bn, v, 4)), step * w + 4 * vec + lane],
+                                   mask=mask, other=0 if mask is not None else None)
+                parts = _common.gather_block_scale_parts(spec, scale_refs, rows3,
+                                                         step * (bk // spec.block_size) + vec_block, step_mask(step, 1))
+                return wt, parts
+
+            def add_step(step, tiles, accs):
+                wt, parts = tiles
+                sc = _common.finish_block_scales(spec, scale_refs, parts)
+                mask = step_mask(step, 4)
+                other = 0 if mask is not None else None
+                out = []
+                for r in range(m):
+                    # x words 4q..4q+3 of each vector (x word 4t+j pairs with byte j of word t), in
+                    # the weight tile's layout; x is small and cache-resident, so it is loaded here
+                    # rather than carried ahead in registers (16 a vector)
+                    xrow = jnp.full((bn, v, 4), r, jnp.int32)
+                    xs = [pltriton.load(x_ref.at[xrow, step * (4 * w) + 16 * vec + 4 * q + lane], mask=mask, other=other)
+                          for q in range(4)]
+                    out.append(byte_lut.pair_dot4_accumulate(wt, xs, sc, accs[r], table, interpret=interpret))
+                return tuple(out)
+        elif x_planes:
             # A K step is one [bn, bk/8] word tile (nb whole blocks of q words) and x comes as
             # byte planes [M * 4, k/8] (plane j holds the x word of byte j of each weight word),
             # so that each plane's tile is a contiguous slice, loaded in 16-byte vectors, that
@@ -166,10 +240,15 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             def load_step(step):
                 ws = codes_ref.at[pl.ds(n0, bn), pl.ds(step * w, w)]
                 wt = ws[...] if mask_n is None else pltriton.load(ws, mask=mask_n[:, None], other=0)
-                return wt, _common.load_block_scales(spec, scale_refs, n0, bn, step * nb, mask_n, cols=nb)
+                rows = (n0 + jnp.arange(bn, dtype=jnp.int32))[:, None]
+                kb = step * nb + jnp.arange(nb, dtype=jnp.int32)[None, :]
+                return wt, _common.gather_block_scale_parts(spec, scale_refs, rows, kb,
+                                                            None if mask_n is None else mask_n[:, None])
 
             def add_step(step, tiles, accs):
-                wt, scales = tiles
+                wt, parts = tiles
+                # the scales' lookup here, not where the step is loaded ahead: it waits on a load
+                scales = _common.finish_block_scales(spec, scale_refs, parts)
                 cols = step * w + jnp.arange(w, dtype=jnp.int32)[None, :]
                 out = []
                 for r in range(m):
@@ -226,7 +305,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             acc2, _ = jax.lax.fori_loop(lo, hi, body, (acc0, first))
         else:
             acc2 = jax.lax.fori_loop(lo, hi, lambda step, accs: add_step(step, load_step(step), accs), acc0)
-        accs = [jnp.sum(a, axis=1) for a in acc2]
+        accs = [jnp.sum(a, axis=tuple(range(1, a.ndim))) for a in acc2]
     elif x_words:
         # Word for word: byte j of a weight row decodes (byte permutes) to the bf16 pair of
         # weights 2j, 2j+1 (unscaled table values), and word j of x's row is the bf16 pair
@@ -312,9 +391,10 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
       x: [M, K'] float (bf16/f16/f32), 1 <= M <= 16, K' >= spec.k.
       codes, absmax, absmax_scale, absmax_offset: the packed weight (see `nf4_matmul`).
       spec: the weight's static description.
-      config: ``block_n``, ``block_k`` (power of two dividing k), ``split_k``, ``use_dot``
-        (forced on for M > 4), ``lut``, ``pair_fma``, ``prefetch``, ``x_planes`` (``block_k`` a
-        multiple of the block size), ``num_warps``, ``num_stages``.
+      config: ``block_n``, ``block_k`` (power of two dividing k; with ``x_direct`` a power of
+        two of whole blocks, the last step masked), ``split_k``, ``use_dot`` (forced on for
+        M > 4, where ``x_direct`` is dropped), ``lut``, ``pair_fma``, ``prefetch``, ``x_planes``
+        (``block_k`` a multiple of the block size), ``x_direct``, ``num_warps``, ``num_stages``.
       interpret: run with the Pallas HLO interpreter (CPU tests).
     Returns:
       y: [M, spec.n] with x's dtype.
@@ -322,12 +402,25 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
     m = x.shape[0]
     if not 1 <= m <= MAX_M:
         raise ValueError(f"nf4_decode handles 1..{MAX_M} rows, got M={m}")
-    bk = config.block_k
-    if spec.k % bk or bk & (bk - 1) or x.shape[1] < spec.k:
-        raise ValueError(f"block_k={bk} must be a power of two dividing k={spec.k}; x has shape {x.shape}")
-    if m > 4 and not config.use_dot:
+    if m > 4 and not config.use_dot:   # the CUDA-core paths hold a sum a row of x: the dot takes M > 4
         config = config.replace(use_dot=True)
-    total = spec.k // bk
+    if config.x_direct and not uses_x_direct(config, x.dtype):
+        # x_direct serves bf16 x on the CUDA-core path; the other paths need K steps dividing K
+        config = tuning.fit_block_k(config.replace(x_direct=False), spec.k, spec.block_size)
+    bk = config.block_k
+    x_direct = uses_x_direct(config, x.dtype)
+    if x_direct:
+        # K steps of whole blocks, the last one masked where it runs past k
+        if config.x_planes:
+            raise ValueError("x_direct and x_planes are two layouts of x: set one")
+        if bk % spec.block_size or bk & (bk - 1) or spec.block_size < 32 or x.shape[1] < spec.k:
+            raise ValueError(f"x_direct needs K steps of whole blocks of >= 32 weights, a power of two wide: "
+                             f"block_k={bk}, block_size={spec.block_size}; x has shape {x.shape}")
+        total = -(-spec.k // bk)
+    elif spec.k % bk or bk & (bk - 1) or x.shape[1] < spec.k:
+        raise ValueError(f"block_k={bk} must be a power of two dividing k={spec.k}; x has shape {x.shape}")
+    else:
+        total = spec.k // bk
     split_k = max(1, min(config.split_k, total))
     steps = -(-total // split_k)
     split_k = -(-total // steps)  # no empty splits
@@ -347,9 +440,13 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
                              f"of block_size={spec.block_size}")
         rows = ins[0].shape[0]
         ins[0] = jax.lax.bitcast_convert_type(ins[0].reshape(rows, spec.k // 8, 4), jnp.int32)
-        # x_planes: [N_TABLE_WORDS, bk/32, 1], one word a thread's 4-word vector
-        table = byte_lut.table_tile(spec.code_table, jnp.bfloat16, bk // 32 if x_planes else sb // 8)
-        ins = [*ins, jnp.asarray(table[:, :, None] if x_planes else table)]
+        if x_direct:   # [DOT4_TABLE_OPERANDS, bk/32, 4]: a thread's vector has its own copy
+            table = byte_lut.dot4_table_tile(spec.code_table, jnp.bfloat16, bk // 32)
+        elif x_planes:   # [N_TABLE_WORDS, bk/32, 1], one word a thread's 4-word vector
+            table = byte_lut.table_tile(spec.code_table, jnp.bfloat16, bk // 32)[:, :, None]
+        else:
+            table = byte_lut.table_tile(spec.code_table, jnp.bfloat16, sb // 8)
+        ins = [*ins, jnp.asarray(table)]
     x_in = x
     if x_words:   # int32 [M, k/2] view of the bf16 pairs (a bitcast; no copy when K' == k)
         x_in = jax.lax.bitcast_convert_type(x[:, : spec.k].reshape(m, spec.k // 2, 2), jnp.int32)
@@ -359,7 +456,7 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
         # producer (in the kernel, Triton would convert the weight tile to x's layout instead).
         x_in = x_in.reshape(m, spec.k // 8, 4).transpose(0, 2, 1).reshape(m * 4, spec.k // 8)
     kernel = functools.partial(_kernel, spec=spec, cfg=config, m=m, n_in=n_in, steps_per_split=steps,
-                               x_words=x_words, pair_fma=pair_fma, x_planes=x_planes,
+                               x_words=x_words, pair_fma=pair_fma, x_planes=x_planes, x_direct=x_direct,
                                interpret=interpret)
     if split_k > 1:
         out_shape = jax.ShapeDtypeStruct((split_k, m, spec.n), jnp.float32)

@@ -22,7 +22,10 @@ A `TileConfig` holds every knob; each kernel reads the fields it uses:
   one it multiplies, 0 for none; ``True`` reads as 1), ``x_planes`` (with ``pair_fma``: x comes in
   byte planes, plane j the x words of byte j of each weight word, and a K step is one word tile,
   so that x is loaded in vectors, once for all the rows a thread holds; ``block_k`` a multiple
-  of the block size).
+  of the block size), ``x_direct`` (with ``pair_fma``, instead of ``x_planes``: x in its own
+  order, a thread's vector of 4 packed words taking its 16 x words and its block scale in one
+  program call, so the call has no transpose of x; ``block_k`` a multiple of the block size,
+  not necessarily dividing K: the last step is masked).
 - ``mosaic`` (forward): the warp-specialised Mosaic GPU kernel, `pallas_kernels.nf4_matmul_mgpu`
   (the decoded weight as wgmma's register operand): ``block_m`` rows of x a CTA (<= 256),
   ``block_n`` weight rows for each of its two computing warpgroups, ``block_k``,
@@ -69,6 +72,7 @@ class TileConfig:
     dequant_first: bool = False
     decode_kn: bool = False
     x_planes: bool = False
+    x_direct: bool = False
     mosaic: bool = False
     cluster_n: int = 1
 
@@ -91,12 +95,18 @@ class TileConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One row of the tuning table: the config for M <= ``max_m``, and whether the kernel with it
-    was measured faster than the plain XLA path (dequantize, then cuBLAS) on this device."""
+    """One row of the tuning table: the config for M <= ``max_m`` (and, where set, K <=
+    ``max_k_over_n`` * N), and whether the kernel with it was measured faster than the plain
+    XLA path (dequantize, then cuBLAS) on this device."""
 
     max_m: int
     config: TileConfig
     beats_xla: bool
+    max_k_over_n: float = float("inf")
+
+    def serves(self, m: int, n: int, k: int) -> bool:
+        """Whether this row is the one for a product of this shape (the first that serves is)."""
+        return m <= self.max_m and k <= self.max_k_over_n * n
 
 
 _INF = 1 << 62
@@ -210,12 +220,29 @@ _INF = 1 << 62
 #   K=4096 N=11008; bitsandbytes 1.01-1.22x. A training step asks for float32 products, which
 #   the kernel writes as two bf16 parts: the step was 0.5-6% slower on it than on dequant_first
 #   (run42), so float32 requests keep dequant_first (`pallas_kernels._training_product`).
+# - 2026-12-04 (second session; `benchmarks/gpu/run44.sh`-run48.sh, decode rounds 11-12c): the
+#   decode kernel's ``x_direct`` path (x in its own order, a thread's 4 packed words and their 16
+#   x words in one program call, K steps masked past k, no K split: the call is one kernel,
+#   without x_planes' transpose of x and split-K sum), and both paths now load a step's scale
+#   codes ahead and look them up in the step that uses them. Round 12b, ratios to bf16 at K=4096
+#   N=11008 / K=N=4096 / K=11008 N=4096: 2 rows, 2048-wide steps, 2 warps, one step ahead
+#   (two vectors a thread, 66 registers) 0.57x / 0.71x / 0.78x; the x_planes row 0.64x / 0.85x /
+#   0.69x in the same sweep; one vector a thread 0.80-0.97x; x carried ahead in registers (96
+#   registers) 0.61-0.62x / 0.72x / 0.80x at best (round 12). So x_direct takes K <= N and
+#   x_planes keeps the long-K shapes. At M=4 x_direct took 2.1-2.9x (the dot row 1.04-1.10x).
+#   Table run (run46, the round's best mean at all three shapes): 0.69x / 0.62x / 0.78x (K=N=4096
+#   / K=4096 N=11008 / K=11008 N=4096). With these rows (run48, bitsandbytes beside it): 0.68x /
+#   0.54x / 0.69x and 0.68x at K=N=8192 (run47: 0.68x / 0.58x / 0.70x), bitsandbytes 0.85-1.04x.
 # The training rows' decode-then-cuBLAS config (its tiles serve the fused Triton kernel, used
 # where dequant_first cannot serve a dtype).
 _DEQUANT_FIRST_FWD = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
                                 lut="prmt", dequant_first=True)
 _HOPPER = {
     "decode": (
+        # M=1, K <= N: x_direct, one kernel a call (runs 44-46); a long K over few rows keeps
+        # x_planes' 8 K splits
+        Entry(1, TileConfig(block_n=2, block_k=2048, split_k=1, num_warps=2, num_stages=1, lut="prmt",
+                            use_dot=False, pair_fma=True, prefetch=1, x_direct=True), True, max_k_over_n=1.0),
         Entry(1, TileConfig(block_n=8, block_k=256, split_k=8, num_warps=1, num_stages=1, lut="prmt",
                             use_dot=False, pair_fma=True, prefetch=1, x_planes=True), True),
         Entry(4, TileConfig(block_n=128, block_k=64, split_k=16, num_warps=4, num_stages=3, lut="prmt",
@@ -300,17 +327,23 @@ def get_entry(op: str, m: int, n: int, k: int, device_kind: str | None = None) -
     rows = TABLE[device_family(device_kind)].get(op)
     if rows is None:
         raise ValueError(f"unknown op {op!r}; expected one of {sorted(_HOPPER)}")
-    entry = next((e for e in rows if m <= e.max_m), None)
+    entry = next((e for e in rows if e.serves(m, n, k)), None)
     if entry is None:
         raise ValueError(f"no {op!r} configuration for M={m} (the largest is M={rows[-1].max_m})")
-    del n, k  # not used by the current table; kept in the signature for shape-specific rows
     return entry
 
 
 def fit_block_k(cfg: TileConfig, k: int, block_size: int) -> TileConfig:
     """``cfg`` with ``block_k`` halved until it divides ``k`` (it never goes under the
-    sub-block ``min(block_k, block_size)``, which divides ``k``)."""
+    sub-block ``min(block_k, block_size)``, which divides ``k``); for ``x_direct``, which masks
+    its last K step, ``block_k`` rounded up to whole blocks instead, and halved while half of it
+    still covers ``k``."""
     bk = cfg.block_k
+    if cfg.x_direct:
+        bk = -(-bk // block_size) * block_size
+        while bk // 2 >= k and (bk // 2) % block_size == 0:   # no step wider than K needs
+            bk //= 2
+        return cfg if bk == cfg.block_k else cfg.replace(block_k=bk)
     while k % bk and bk > min(cfg.block_k, block_size):
         bk //= 2
     return cfg if bk == cfg.block_k else cfg.replace(block_k=bk)

@@ -203,6 +203,35 @@ def test_pair_dot_sums_are_the_unscaled_chain():
         byte_lut.pair_dot_sums(jnp.asarray(words), x_tiles[:3], _table_args(), interpret=True)
 
 
+def _dot4_operands(x_tiles, scale, acc):
+    """The pack-4 operands of the same data: words as [64, 2, 4] (2 vectors of 4 words a row), x
+    operand q holding x words 4q..4q+3 of each vector (x's own order), scale a vector, the sums,
+    and the table as [1, 2, 4] tiles."""
+    x_pairs = np.stack(x_tiles, axis=-1).reshape(64, 2, 16)     # x word 4t+j = x_tiles[j][:, t]
+    xs = [jnp.asarray(x_pairs[..., 4 * q:4 * q + 4]) for q in range(4)]
+    tab = byte_lut.dot4_table_tile(TABLES["nf4"], jnp.bfloat16, 2)
+    table = [jnp.asarray(tab[a:a + 1]) for a in range(byte_lut.DOT4_TABLE_OPERANDS)]
+    return xs, jnp.asarray(scale[:, :, None]), jnp.asarray(acc.reshape(64, 2, 4)), table
+
+
+def test_pair_dot4_is_pair_dot_on_each_word():
+    """`pair_dot4_accumulate` (a vector of 4 words a program, x in its own order) is, bit for
+    bit, `pair_dot_accumulate` on each word, and its program reads every operand register."""
+    packed, words, x_tiles, scale, acc, x = _pair_dot_inputs(8)
+    want = _pair_dot(words, x_tiles, np.broadcast_to(scale, acc.shape), acc)
+    xs, sc, ac, table = _dot4_operands(x_tiles, np.broadcast_to(scale, (64, 2)), acc)
+    got = byte_lut.pair_dot4_accumulate(jnp.asarray(words).reshape(64, 2, 4), xs, sc, ac, table, interpret=True)
+    np.testing.assert_array_equal(np.asarray(got).reshape(64, 8), want)
+    ptx = byte_lut.pair_dot4_program().ptx()
+    n_in = byte_lut.pair_dot4_program().n_in
+    used = {f"${i}" for i in range(4 + n_in)} - {f"${4 + 28 + t}" for t in range(byte_lut.N_TABLE_WORDS, 12)}
+    assert all(f"{r}," in ptx or f"{r};" in ptx for r in used)
+    with pytest.raises(ValueError, match="4 x operands and 3 table operands"):
+        byte_lut.pair_dot4_accumulate(jnp.asarray(words).reshape(64, 2, 4), xs[:3], sc, ac, table, interpret=True)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 4\] tile"):
+        byte_lut.pair_dot4_accumulate(jnp.asarray(words), xs, sc, ac, table, interpret=True)
+
+
 def test_pair_dot_rejects_bad_operands():
     _, words, x_tiles, scale, acc, _ = _pair_dot_inputs(5)
     with pytest.raises(ValueError, match="int32"):
@@ -284,33 +313,60 @@ def test_bf16_halves_f32_equals_the_split_halves():
             np.testing.assert_array_equal(g, w)
 
 
-def _pair_dot_kernel(words, x0, x1, x2, x3, scale, acc, table, interpret=False):
-    """`pair_dot_accumulate` in a one-program Pallas (Triton) kernel, the table rows loaded as
-    [1, q] tiles (the way `nf4_decode` loads them)."""
+def _dot_kernel(fn, n_table, words, x0, x1, x2, x3, scale, acc, table, interpret=False):
+    """``fn`` (`byte_lut.pair_dot_accumulate` or `pair_dot4_accumulate`) in a one-program Pallas
+    (Triton) kernel, each of the ``n_table`` table rows loaded as a tile of its own (the way
+    `nf4_decode` loads them)."""
     def kernel(w_ref, x0_ref, x1_ref, x2_ref, x3_ref, s_ref, a_ref, t_ref, o_ref):
-        rows = [t_ref[pl.ds(i, 1), :] for i in range(byte_lut.N_TABLE_WORDS)]
+        rows = [t_ref[pl.ds(i, 1)] for i in range(n_table)]
         xs = [r[...] for r in (x0_ref, x1_ref, x2_ref, x3_ref)]
-        o_ref[...] = byte_lut.pair_dot_accumulate(w_ref[...], xs, s_ref[...], a_ref[...], rows,
-                                                  interpret=interpret)
+        o_ref[...] = fn(w_ref[...], xs, s_ref[...], a_ref[...], rows, interpret=interpret)
 
     return pl.pallas_call(kernel, out_shape=jax.ShapeDtypeStruct(acc.shape, jnp.float32), grid=(1,),
                           interpret=interpret, compiler_params=_common.compiler_params(4, 1))(
         words, x0, x1, x2, x3, scale, acc, table)
 
 
+_pair_dot_kernel = functools.partial(_dot_kernel, byte_lut.pair_dot_accumulate, byte_lut.N_TABLE_WORDS)
+_pair_dot4_kernel = functools.partial(_dot_kernel, byte_lut.pair_dot4_accumulate, byte_lut.DOT4_TABLE_OPERANDS)
+
+
+def _assert_gpu_dot_matches_model(got, want, packed, x, scale, acc):
+    """The GPU rounds each FMA once where the model rounds the float32 sum and then to the half
+    type, so a rare lane may differ by one bf16 step: nearly all sums are equal and every one is
+    within 2^-7 of its terms' size (``got``, ``want``: [64, 8] sums of `_pair_dot_inputs`)."""
+    t = np.asarray(TABLES["nf4"], np.float64)
+    wt = np.stack([t[packed >> 4], t[packed & 0xF]], axis=-1).reshape(64, 64)
+    size = np.abs(wt * x * scale).reshape(64, 8, 8).sum(-1) + np.abs(acc)
+    assert np.all(np.abs(got - want) <= 2.0**-7 * size)
+    assert np.mean(np.abs(got - want) <= 1e-6 * size) >= 0.98
+
+
+def test_pair_dot4_kernel_lowers_to_triton():
+    """The kernel of `test_gpu_pair_dot4_ptx_matches_model` lowers to verified Triton IR."""
+    i32, f32 = jax.ShapeDtypeStruct((64, 2, 4), jnp.int32), jax.ShapeDtypeStruct((64, 2, 4), jnp.float32)
+    lowers_for_h100(_pair_dot4_kernel, i32, i32, i32, i32, i32, jax.ShapeDtypeStruct((64, 2, 1), jnp.float32), f32,
+                    jax.ShapeDtypeStruct((byte_lut.DOT4_TABLE_OPERANDS, 2, 4), jnp.int32))
+
+
+@pytest.mark.gpu
+def test_gpu_pair_dot4_ptx_matches_model():
+    """`pair_dot4_accumulate` compiled for real against its model."""
+    packed, words, x_tiles, scale, acc, x = _pair_dot_inputs(9)
+    xs, sc, ac, _ = _dot4_operands(x_tiles, np.broadcast_to(scale, (64, 2)), acc)
+    table = jnp.asarray(byte_lut.dot4_table_tile(TABLES["nf4"], jnp.bfloat16, 2))
+    args = [jnp.asarray(words).reshape(64, 2, 4), *xs, sc, ac]
+    g = np.asarray(_pair_dot4_kernel(*args, table), np.float64).reshape(64, 8)
+    w = np.asarray(_pair_dot4_kernel(*args, table, interpret=True), np.float64).reshape(64, 8)
+    _assert_gpu_dot_matches_model(g, w, packed, x, scale, acc)
+
+
 @pytest.mark.gpu
 def test_gpu_pair_dot_ptx_matches_model():
-    """`pair_dot_accumulate` compiled for real against its model. The GPU rounds each FMA once
-    where the model rounds the float32 sum and then to the half type, so a rare lane may
-    differ by one bf16 step: nearly all sums are equal and every one is within 2^-7 of its
-    terms' size."""
+    """`pair_dot_accumulate` compiled for real against its model."""
     packed, words, x_tiles, scale, acc, x = _pair_dot_inputs(5)
     table = jnp.asarray(byte_lut.table_tile(TABLES["nf4"], jnp.bfloat16, 8))
     args = [jnp.asarray(a) for a in (words, *x_tiles, scale, acc)]
     g = np.asarray(_pair_dot_kernel(*args, table), np.float64)
     w = np.asarray(_pair_dot_kernel(*args, table, interpret=True), np.float64)
-    t = np.asarray(TABLES["nf4"], np.float64)
-    wt = np.stack([t[packed >> 4], t[packed & 0xF]], axis=-1).reshape(64, 64)
-    size = np.abs(wt * x * scale).reshape(64, 8, 8).sum(-1) + np.abs(acc)
-    assert np.all(np.abs(g - w) <= 2.0**-7 * size)
-    assert np.mean(np.abs(g - w) <= 1e-6 * size) >= 0.98
+    _assert_gpu_dot_matches_model(g, w, packed, x, scale, acc)

@@ -215,6 +215,15 @@ DECODE_CASES = [
                                            pair_fma=True, prefetch=2, x_planes=True)),
     (11, 1, 100, 768, 64, 256, TileConfig(block_n=16, block_k=128, split_k=3, num_warps=2, use_dot=False,
                                           lut="prmt", pair_fma=True, prefetch=1, x_planes=True)),
+    # x in its own order, 4 words and their 16 x words a program call (x_direct): ragged N, K not
+    # a multiple of block_k (the last step masked), blocks of 32/64/128, with and without double
+    # quant, no split and 2 splits, prefetch 0-2, 1-3 rows of x
+    (10, 1, 72, 1024, 64, 256, TileConfig(block_n=16, block_k=256, split_k=1, num_warps=2, use_dot=False,
+                                          lut="prmt", pair_fma=True, prefetch=1, x_direct=True)),
+    (9, 3, 40, 640, 32, 64, TileConfig(block_n=8, block_k=256, split_k=2, num_warps=1, use_dot=False,
+                                       lut="prmt", pair_fma=True, x_direct=True)),
+    (8, 2, 100, 896, 128, None, TileConfig(block_n=32, block_k=512, split_k=1, use_dot=False, lut="prmt",
+                                           pair_fma=True, prefetch=2, x_direct=True)),
 ]
 
 
@@ -376,6 +385,12 @@ LOWERING_CASES = [
     ("decode", 2, 200, 1024, 64, 256, jnp.bfloat16,
      TileConfig(block_n=32, block_k=256, split_k=2, num_warps=2, use_dot=False, lut="prmt", pair_fma=True,
                 x_planes=True)),
+    ("decode", 1, 200, 2560, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=8, block_k=1024, split_k=1, num_warps=4, use_dot=False, lut="prmt", pair_fma=True,
+                prefetch=1, x_direct=True)),
+    ("decode", 4, 200, 1024, 64, 256, jnp.bfloat16,
+     TileConfig(block_n=4, block_k=512, split_k=1, num_warps=2, use_dot=False, lut="prmt", pair_fma=True,
+                x_direct=True)),
     ("forward", 300, 192, 256, 64, 256, jnp.bfloat16, TileConfig(block_m=128, block_n=64, block_k=128, lut="tree")),
 ]
 
@@ -494,8 +509,18 @@ def test_tuning_table_fits_k():
         for m in ((1, 4, 16) if op == "decode" else (1, 4, 16, 17, 512, 8192)):
             for k, bs in ((4096, 64), (11008, 64), (192, 64), (96, 32), (4096, 4096)):
                 cfg = pk.get_config(op, m, 4096, k, bs, device_kind="NVIDIA H100 80GB HBM3")
+                if cfg.x_direct:   # whole blocks a step; the last step is masked
+                    assert cfg.block_k % bs == 0, (op, m, k, bs, cfg)
+                    continue
                 sb = min(cfg.block_k, bs)
                 assert k % cfg.block_k == 0 and cfg.block_k % sb == 0, (op, m, k, bs, cfg)
+    direct = TileConfig(block_k=512, use_dot=False, lut="prmt", pair_fma=True, x_direct=True)
+    assert pk.tuning.fit_block_k(direct, 11008, 64) == direct      # not halved to divide K
+    assert pk.tuning.fit_block_k(direct, 4096, 1024).block_k == 1024   # rounded up to a block
+    assert pk.tuning.fit_block_k(direct, 192, 64).block_k == 256          # no wider than K needs
+    h200 = "NVIDIA H200"   # the decode row at M=1: x_direct where K <= N, x_planes' splits past that
+    assert pk.get_config("decode", 1, 11008, 4096, 64, device_kind=h200).x_direct
+    assert pk.get_config("decode", 1, 4096, 11008, 64, device_kind=h200).x_planes
     with pytest.raises(ValueError, match="unknown op"):
         pk.get_config("backward", 1, 1, 64, 64)
     with pytest.raises(ValueError, match="no 'decode' configuration"):
@@ -531,6 +556,33 @@ def test_x_planes_needs_whole_blocks():
     x16 = x.astype(jnp.float16)
     y = pk.nf4_decode(x16, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
     check(y, (1, 40), pk.nf4_decode_reference(x16, *p.arrays, spec=p.spec), x64 @ p.w64.T)
+
+
+def test_x_direct_refuses_partial_blocks_and_two_x_layouts():
+    """x_direct takes K steps of whole blocks of >= 32 weights, and not together with x_planes;
+    each refusal names the problem."""
+    p = Problem(7, 40, 256, 128, None)
+    x, _ = p.activations(1, 256)
+    cfg = TileConfig(block_n=8, block_k=64, split_k=1, use_dot=False, lut="prmt", pair_fma=True, x_direct=True)
+    with pytest.raises(ValueError, match="x_direct needs K steps of whole blocks .* block_k=64, block_size=128"):
+        pk.nf4_decode(x, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
+    with pytest.raises(ValueError, match="a power of two wide: block_k=384"):
+        pk.nf4_decode(x, *p.arrays, spec=p.spec, config=cfg.replace(block_k=384), interpret=INTERPRET)
+    with pytest.raises(ValueError, match="x_direct and x_planes"):
+        pk.nf4_decode(x, *p.arrays, spec=p.spec, config=cfg.replace(block_k=128, x_planes=True), interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("m,dtype", [(5, jnp.bfloat16), (1, jnp.float16)])
+def test_x_direct_config_falls_back_where_it_does_not_serve(m, dtype):
+    """Given more than 4 rows of x (the dot's) or float16 x (no bf16 word path), an x_direct
+    config, whose K step need not divide K, becomes another path with a K step that does, and
+    the result still matches."""
+    p = Problem(6, 40, 640, 64, 256)
+    x, x64 = p.activations(m, 640)
+    x = x.astype(dtype)
+    cfg = TileConfig(block_n=16, block_k=512, split_k=1, use_dot=False, lut="prmt", pair_fma=True, x_direct=True)
+    y = pk.nf4_decode(x, *p.arrays, spec=p.spec, config=cfg, interpret=INTERPRET)
+    check(y, (m, 40), pk.nf4_decode_reference(x, *p.arrays, spec=p.spec), x64 @ p.w64.T)
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# GPU session 2026-12-04 (second), call 2: decode sweep round 12 (x_direct, two vectors a
+# thread), then the decode table rows with the sweep's best, plain XLA and bitsandbytes.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+O=${OUT:-/tmp/out}; mkdir -p $O
+nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv | tee $O/gpu.txt
+timeout 260 python3 experiments/bench_kernels.py --sweep --sweep-ops decode --m 1 --out $O/sweep_decode.json 2>&1 \
+  | grep -v Warn | tee $O/sweep_decode.log | grep -E "BEST|rror" | cut -c1-190
+timeout 150 python3 experiments/bench_kernels.py --quick --check --m 1 4 16 --kn 4096 4096 --kn 4096 11008 --kn 11008 4096 \
+  --configs-from $O/sweep_decode.json --bnb-path .whl/bnb --out $O/table.json 2>&1 | grep -v Warn | tee $O/table.log \
+  | grep -A14 summary | cut -c1-330
