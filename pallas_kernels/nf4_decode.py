@@ -54,13 +54,14 @@ the codes up (`_common.finish_block_scales`): done where the step was loaded, th
 on the load it had just issued, a memory latency every iteration.
 
 Measured (H200, jax 0.11.2, NF4 + double quant, bitsandbytes 0.50 in the same run, device-side,
-each call timed whole: `experiments/bench_kernels.timing_loop`; 2026-12-04, runs 44-48,
+each call timed whole: `experiments/bench_kernels.timing_loop`; 2026-12-04, runs 44-50,
 `benchmarks/README.md`): at M=1, K <= N, the x_direct row (2 rows, 2048-wide K steps, no split,
 2 warps, one step ahead: two vectors a thread, 66 registers) takes 0.0152 ms = 0.54x XLA cuBLAS
 bf16 at K=4096 N=11008 (1.53 TB/s of packed weight; bitsandbytes 0.85x; 0.58x in run47, where
-cuBLAS took 0.0269 ms instead of 0.0282), 0.68x at K=N=4096 (bitsandbytes 0.99x) and at
-K=N=8192 (bitsandbytes 1.04x); past K = N the x_planes row (8 rows, 256-wide K steps, 8 K
-splits, 1 warp, one step ahead) takes 0.69-0.70x at K=11008 N=4096 (bitsandbytes 0.93x;
+cuBLAS took 0.0269 ms instead of 0.0282; 0.57x in run50), 0.68-0.70x at K=N=4096
+(bitsandbytes 0.99-1.01x) and 0.65-0.68x at K=N=8192 (bitsandbytes 1.01-1.04x); past K = N
+the x_planes row (8 rows, 256-wide K steps, 8 K splits, 1 warp, one step ahead) takes
+0.69-0.71x at K=11008 N=4096 (bitsandbytes 0.93x;
 x_direct 0.78-0.85x there, with or without K splits). Before x_direct
 (2026-12-03, run29) the x_planes row took 0.66x / 0.90x / 0.66x (K=4096 N=11008 / K=N=4096 /
 K=11008 N=4096). At M=4 and M=16 the dot config (128 rows, 64-wide steps, 16 splits, 4 warps)
@@ -179,11 +180,15 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             # scaled dot to a float32 sum a word (`byte_lut.pair_dot4_accumulate`).
             w = bk // 8
             v, kw = w // 4, spec.k // 8
-            table = [table_ref[pl.ds(a, 1), :, :] for a in range(byte_lut.DOT4_TABLE_OPERANDS)]
             acc_shape = (bn, v, 4)
             rows3 = (n0 + jnp.arange(bn, dtype=jnp.int32))[:, None, None]
             vec = jnp.arange(v, dtype=jnp.int32)[None, :, None]
             lane = jnp.arange(4, dtype=jnp.int32)[None, None, :]
+            # the table operands as [bn, v, 4] tiles (a zero row stride), so that they load in the
+            # weight tile's layout: [1, v, 4] tiles got another, converted through shared memory
+            table = [pltriton.load(table_ref.at[jnp.full(acc_shape, a, jnp.int32), jnp.broadcast_to(vec, acc_shape),
+                                                jnp.broadcast_to(lane, acc_shape)])
+                     for a in range(byte_lut.DOT4_TABLE_OPERANDS)]
             # block column of each vector within a step (steps are whole blocks; vec >= 0, so the
             # truncating divide is the floor)
             vec_block = jax.lax.div(vec * 32, jnp.int32(spec.block_size))

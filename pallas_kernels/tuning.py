@@ -220,7 +220,7 @@ _INF = 1 << 62
 #   K=4096 N=11008; bitsandbytes 1.01-1.22x. A training step asks for float32 products, which
 #   the kernel writes as two bf16 parts: the step was 0.5-6% slower on it than on dequant_first
 #   (run42), so float32 requests keep dequant_first (`pallas_kernels._training_product`).
-# - 2026-12-04 (second session; `benchmarks/gpu/run44.sh`-run48.sh, decode rounds 11-12c): the
+# - 2026-12-04 (second session; `benchmarks/gpu/run44.sh`-run50.sh, decode rounds 11-12c): the
 #   decode kernel's ``x_direct`` path (x in its own order, a thread's 4 packed words and their 16
 #   x words in one program call, K steps masked past k, no K split: the call is one kernel,
 #   without x_planes' transpose of x and split-K sum), and both paths now load a step's scale
@@ -232,7 +232,8 @@ _INF = 1 << 62
 #   x_planes keeps the long-K shapes. At M=4 x_direct took 2.1-2.9x (the dot row 1.04-1.10x).
 #   Table run (run46, the round's best mean at all three shapes): 0.69x / 0.62x / 0.78x (K=N=4096
 #   / K=4096 N=11008 / K=11008 N=4096). With these rows (run48, bitsandbytes beside it): 0.68x /
-#   0.54x / 0.69x and 0.68x at K=N=8192 (run47: 0.68x / 0.58x / 0.70x), bitsandbytes 0.85-1.04x.
+#   0.54x / 0.69x and 0.68x at K=N=8192 (run47: 0.68x / 0.58x / 0.70x), bitsandbytes 0.85-1.04x;
+#   run50 (x_direct's table operands in the weight tile's layout) 0.70x / 0.57x / 0.71x / 0.65x.
 # The training rows' decode-then-cuBLAS config (its tiles serve the fused Triton kernel, used
 # where dequant_first cannot serve a dtype).
 _DEQUANT_FIRST_FWD = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
