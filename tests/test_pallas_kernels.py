@@ -776,3 +776,22 @@ def test_gpu_training_paths_at_real_shape(swap_ab, dequant_first, decode_kn):
     dy, dy64 = p.activations(333, 1000, pad_cols=0)
     dx = jax.jit(lambda d, *a: pk.matmul_nn(d, *a, **_layout(p), config=cfg))(dy, *p.arrays)
     check(dx, (333, 4096), pk.nf4_matmul_dx_reference(dy, *p.arrays, spec=p.spec), dy64 @ p.w64)
+
+
+def test_bench_kernels_sweep_overrides_keep_decode_paths_apart():
+    """`bench_kernels --configs-from`: a forward sweep's config serves larger M too, but a decode
+    sweep at M=1 (the CUDA-core path) says nothing of M > 1 (the dot), nor the reverse."""
+    import importlib.util  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels_for_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    one, dot, fwd = TileConfig(x_direct=True), TileConfig(block_n=128), TileConfig(mosaic=True)
+    assert bench._override({("decode", 1): one}, "decode", 1) == one
+    assert bench._override({("decode", 1): one}, "decode", 4) is None
+    assert bench._override({("decode", 16): dot}, "decode", 1) is None
+    assert bench._override({("decode", 1): one, ("decode", 16): dot}, "decode", 4) == dot
+    assert bench._override({("forward", 4096): fwd}, "forward", 8192) == fwd
+    assert bench._override(None, "forward", 8192) is None
