@@ -205,7 +205,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             def load_step(step):
                 """The step's weight words and its scales' loads (what a step loaded ahead carries)."""
                 mask = step_mask(step, 4)
-                wt = pltriton.load(codes_ref.at[jnp.broadcast_to(rows3, (bn, v, 4)), step * w + 4 * vec + lane],
+                wt = pltriton.load(codes_ref.at[jnp.broadcast_to(rows3, acc_shape), step * w + 4 * vec + lane],
                                    mask=mask, other=0 if mask is not None else None)
                 parts = _common.gather_block_scale_parts(spec, scale_refs, rows3,
                                                          step * (bk // spec.block_size) + vec_block, step_mask(step, 1))
@@ -221,7 +221,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
                     # x words 4q..4q+3 of each vector (x word 4t+j pairs with byte j of word t), in
                     # the weight tile's layout; x is small and cache-resident, so it is loaded here
                     # rather than carried ahead in registers (16 a vector)
-                    xrow = jnp.full((bn, v, 4), r, jnp.int32)
+                    xrow = jnp.full(acc_shape, r, jnp.int32)
                     xs = [pltriton.load(x_ref.at[xrow, step * (4 * w) + 16 * vec + 4 * q + lane], mask=mask, other=other)
                           for q in range(4)]
                     out.append(byte_lut.pair_dot4_accumulate(wt, xs, sc, accs[r], table, interpret=interpret))
