@@ -466,10 +466,7 @@ def pair_dot_accumulate(words: jax.Array, x_words: Sequence[jax.Array], scale: j
         uniform register and copies it back before each permute that reads it.
     """
     _check_dot_operands(words, x_words, table)
-    shape = words.shape
-    as_words = lambda a: jnp.broadcast_to(jax.lax.bitcast_convert_type(a, jnp.int32), shape)  # noqa: E731
-    args = [words, *(as_words(x) for x in x_words), as_words(scale.astype(jnp.float32)), as_words(acc)]
-    args += [jnp.broadcast_to(t, shape) for t in table]
+    args = _dot_args(words, x_words, scale, acc, table)
     return _run_dot(pair_dot_program("bfloat16"), args, interpret)
 
 
@@ -503,21 +500,8 @@ def pair_dot4_accumulate(words: jax.Array, x_words: Sequence[jax.Array], scale: 
     if len(x_words) != 4 or len(table) != DOT4_TABLE_OPERANDS:
         raise ValueError(f"need 4 x operands and {DOT4_TABLE_OPERANDS} table operands, "
                          f"got {len(x_words)}, {len(table)}")
-    shape = words.shape
-    as_words = lambda a: jnp.broadcast_to(jax.lax.bitcast_convert_type(a, jnp.int32), shape)  # noqa: E731
-    args = [words, *(as_words(x) for x in x_words), as_words(scale.astype(jnp.float32)),
-            as_words(acc.astype(jnp.float32)), *(as_words(t) for t in table)]
-    prog = pair_dot4_program()
-    if interpret:
-        ins = [jax.lax.bitcast_convert_type(a[..., e], jnp.uint32) for a in args for e in range(4)]
-        out = jnp.stack(run_program(prog, ins), axis=-1)
-    else:
-        from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
-
-        (out,) = pltriton.elementwise_inline_asm(
-            prog.ptx(), args=args, constraints=",".join(["=r"] * 4 + ["r"] * prog.n_in), pack=4,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
-    return jax.lax.bitcast_convert_type(out, jnp.float32)
+    args = _dot_args(words, x_words, scale, acc, table)
+    return _run_dot(pair_dot4_program(), args, interpret, pack=4)
 
 
 def _check_dot_operands(words: jax.Array, x_words: Sequence[jax.Array], table: Sequence[jax.Array]) -> None:
@@ -527,16 +511,29 @@ def _check_dot_operands(words: jax.Array, x_words: Sequence[jax.Array], table: S
         raise ValueError(f"need 4 x word tiles and {N_TABLE_WORDS} table words, got {len(x_words)}, {len(table)}")
 
 
-def _run_dot(prog: Program, args: Sequence[jax.Array], interpret: bool) -> jax.Array:
-    """float32 ``out0`` of a one-output word program on int32 operands of one shape."""
-    if interpret:
-        (out,) = run_program(prog, [jax.lax.bitcast_convert_type(a, jnp.uint32) for a in args])
+def _dot_args(words: jax.Array, x_words: Sequence[jax.Array], scale: jax.Array, acc: jax.Array,
+              table: Sequence[jax.Array]) -> list[jax.Array]:
+    """The scaled pair-dot programs' operands as int32 arrays of ``words``' shape: the words, the
+    x words, scale, sum and table words (the floats as their bits)."""
+    as_words = lambda a: jnp.broadcast_to(jax.lax.bitcast_convert_type(a, jnp.int32), words.shape)  # noqa: E731
+    return [words, *(as_words(x) for x in x_words), as_words(scale.astype(jnp.float32)),
+            as_words(acc.astype(jnp.float32)), *(as_words(t) for t in table)]
+
+
+def _run_dot(prog: Program, args: Sequence[jax.Array], interpret: bool, pack: int = 1) -> jax.Array:
+    """float32 result of a word program on int32 operands of one shape, one output an element:
+    each instance takes ``pack`` consecutive elements (along the last axis) of every operand,
+    ``pack`` registers an operand in operand order, and writes ``pack`` outputs."""
+    shape = args[0].shape
+    if interpret:   # element e of each group of pack: a[..., e::pack]
+        ins = [jax.lax.bitcast_convert_type(a[..., e::pack], jnp.uint32) for a in args for e in range(pack)]
+        out = jnp.stack(run_program(prog, ins), axis=-1).reshape(shape)
     else:
         from jax.experimental.pallas import triton as pltriton  # noqa: PLC0415
 
         (out,) = pltriton.elementwise_inline_asm(
-            prog.ptx(), args=list(args), constraints=",".join(["=r"] + ["r"] * prog.n_in), pack=1,
-            result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.int32)])
+            prog.ptx(), args=list(args), constraints=",".join(["=r"] * prog.n_out + ["r"] * prog.n_in), pack=pack,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(shape, jnp.int32)])
     return jax.lax.bitcast_convert_type(out, jnp.float32)
 
 

@@ -413,7 +413,7 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
         # x_direct serves bf16 x on the CUDA-core path; the other paths need K steps dividing K
         config = tuning.fit_block_k(config.replace(x_direct=False), spec.k, spec.block_size)
     bk = config.block_k
-    x_direct = uses_x_direct(config, x.dtype)
+    x_direct = config.x_direct   # after the fallback above: set only where it serves
     if x_direct:
         # K steps of whole blocks, the last one masked where it runs past k
         if config.x_planes:
@@ -421,11 +421,9 @@ def nf4_decode(x: jax.Array, codes: jax.Array, absmax: jax.Array, absmax_scale: 
         if bk % spec.block_size or bk & (bk - 1) or spec.block_size < 32 or x.shape[1] < spec.k:
             raise ValueError(f"x_direct needs K steps of whole blocks of >= 32 weights, a power of two wide: "
                              f"block_k={bk}, block_size={spec.block_size}; x has shape {x.shape}")
-        total = -(-spec.k // bk)
     elif spec.k % bk or bk & (bk - 1) or x.shape[1] < spec.k:
         raise ValueError(f"block_k={bk} must be a power of two dividing k={spec.k}; x has shape {x.shape}")
-    else:
-        total = spec.k // bk
+    total = -(-spec.k // bk)
     split_k = max(1, min(config.split_k, total))
     steps = -(-total // split_k)
     split_k = -(-total // steps)  # no empty splits
