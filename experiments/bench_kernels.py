@@ -204,9 +204,8 @@ def jax_ops(k: int, n: int, config_fwd=None, config_dx=None):
         return pk.dequant_first.decode(q.codes, q.absmax, q.absmax_scale, q.absmax_offset, spec=spec,
                                        dtype=x.dtype, config=cfg, interpret=INTERPRET)
 
-    def bf16_nt(x, w_nk):    # its second half: the dot on the [N, K] weight
-        return jax.lax.dot_general(x, w_nk, (((1,), (1,)), ((), ())),
-                                   preferred_element_type=jnp.float32).astype(x.dtype)
+    def bf16_nt(x, w_nk):    # its second half: the dot on the [N, K] weight, a result in x's dtype
+        return jax.lax.dot_general(x, w_nk, (((1,), (1,)), ((), ())))
 
     def pallas(x, q):
         return pk.matmul_nt(x, q.codes, q.absmax, q.absmax_scale, q.absmax_offset, **layout,
@@ -350,22 +349,21 @@ def sweep_candidates(op: str, m: int) -> list:
                 for bn, bk, sk, nw, ns in grid]
     if op in ("forward", "input_grad") and m >= 2048:
         # Round 4 (2026-12-03): ``dequant_first`` with the [K, N] tile decoder (``decode_kn``:
-        # the products of a bf16 model, x·W and dy·Wᵀ) over decoder tiles (block_n, block_k,
-        # warps), beside the [N, K] dequantize kernel of round 3's winner
+        # the products of a bf16 model, x·W and dy·Wᵀ) over decoder tiles, beside the [N, K]
+        # dequantize kernel of round 3's winner. Round 5 (2026-12-03, third session): the
+        # warp-specialised Mosaic GPU kernel (`pallas_kernels.nf4_matmul_mgpu`) over stages and
+        # walk bands. Their results are in the tuning table's comments.
         base = C(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3, lut="prmt",
                  dequant_first=True)
-        if op == "forward":
-            # Round 5 (2026-12-03, third session): the warp-specialised Mosaic GPU kernel
-            # (``mosaic``, `pallas_kernels.nf4_matmul_mgpu`; runs 30-34 of mgpu_probe picked 256
-            # rows of x, 64 weight rows a warpgroup, 64-wide K steps) over stages and walk bands,
-            # beside dequant_first (the table's row) and its [K, N] decoder
-            # (block_m, block_n, block_k, stages, group_m)
-            grid = [(256, 64, 64, 4, 8), (256, 64, 64, 4, 16), (256, 64, 64, 3, 8)]
-            return [base, base.replace(decode_kn=True)] + [
-                base.replace(block_m=bm, block_n=bn, block_k=bk, num_stages=ns, group_m=g, mosaic=True)
-                for bm, bn, bk, ns, g in grid]
-        return [base] + [base.replace(block_n=bn, block_k=bk, num_warps=nw, decode_kn=True)
-                         for bn, bk, nw in [(128, 64, 4), (64, 128, 4), (128, 128, 8), (256, 64, 8), (256, 128, 8)]]
+        # Round 7 (2026-12-04, third session), after dequant_first's dot asks for its result in
+        # x's dtype (XLA's autotuner had picked slower GEMMs for a float32 result rounded after;
+        # benchmarks/gpu/dot_forms.py, run54): the table's Mosaic GPU row against dequant_first
+        # with either decoder, (block_n, block_k, warps) the [K, N] decoder's tiles
+        mosaic = C(block_m=256, block_n=64, block_k=128, group_m=16, num_stages=2, lut="prmt", mosaic=True,
+                   dequant_first=True, cluster_n=2)
+        kn = [base.replace(block_n=bn, block_k=bk, num_warps=nw, decode_kn=True)
+              for bn, bk, nw in [(128, 64, 4), (64, 128, 4)]]
+        return ([mosaic] if op == "forward" else []) + [base] + kn
     if op in ("forward", "input_grad"):
         # Round 3 (2026-12-03): ``swap_ab`` (the decoded tile as wgmma's register operand; the
         # tiles below compile without spills for sm_90, checked offline with Triton 3.6), the
@@ -664,9 +662,13 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     loop_step_s = result.get("loop_overhead_ms", 0.0) * 1e-3
     if args.sweep:
-        # --kn / --m narrow the sweep's cases when given
-        chosen = [c for c in SWEEP_CASES if c[0] in args.sweep_ops
-                  and (not args.kn or (c[1], c[2]) in kns) and (not args.m or c[3] in ms)]
+        # --kn and --m together give every op's cases at those shapes; one of them narrows the
+        # default cases
+        if args.kn and args.m:
+            chosen = [(op, k, n, m) for op in args.sweep_ops for k, n in kns for m in ms]
+        else:
+            chosen = [c for c in SWEEP_CASES if c[0] in args.sweep_ops
+                      and (not args.kn or (c[1], c[2]) in kns) and (not args.m or c[3] in ms)]
         result["rows"] = sweep(chosen, loop_step_s)
         result["best"] = {f"{op} m<={m}": dataclasses.asdict(c) for (op, m), c in best_configs(result["rows"]).items()}
     else:

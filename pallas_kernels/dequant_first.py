@@ -171,6 +171,11 @@ def dequant_first_matmul(a: jax.Array, codes: jax.Array, absmax: jax.Array,
     kn = config is not None and config.decode_kn
     # a's features (k, or n for the gradient) are w's axis 0 exactly when they lead w's layout
     contract = 0 if transposed != kn else 1
+    out_dtype = jnp.dtype(a.dtype if out_dtype is None else out_dtype)
+    # A result in a's dtype is asked for as such, not as float32 rounded after: XLA accumulates a
+    # bf16/f16 dot in float32 either way (the same values), but its GEMM autotuner picked slower
+    # kernels for the float32 form (H200, run54: 0.97-1.20x the bf16 model's product, mean 1.08x,
+    # against 0.88-1.06x, mean 0.99x; benchmarks/gpu/dot_forms.py).
     y = jax.lax.dot_general(a[:, : spec.n if transposed else spec.k], w, (((1,), (contract,)), ((), ())),
-                            preferred_element_type=jnp.float32)
-    return y.astype(a.dtype if out_dtype is None else out_dtype)
+                            preferred_element_type=None if out_dtype == a.dtype else jnp.float32)
+    return y.astype(out_dtype)

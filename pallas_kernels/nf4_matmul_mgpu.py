@@ -38,7 +38,11 @@ as the decode-then-cuBLAS path (`pallas_kernels.dequant_first`). 2026-12-04: 128
 the kernel table (run41; bitsandbytes 1.01-1.22x in the same run; dequant_first 1.07-1.23x
 at M=4096-8192 and 1.21-1.23x at M=2048 in the probe and sweep runs), 1.06x at M=1024,
 K=4096 N=11008; at M=512 it loses to dequant_first (1.5-2.0x against 1.6-1.7x, run40).
-"prmt32" costs 1.26-1.47x: the decode is on the critical path.
+"prmt32" costs 1.26-1.47x: the decode is on the critical path. Once dequant_first's dot asked
+for a bf16 result (2026-12-04, third session; XLA had autotuned slower GEMMs for a float32
+result rounded after), dequant_first was level with this kernel at M=2048 and faster at
+M=4096 (run55), so the tuning table gives the kernel 512 < M <= 2048: 1.06-1.13x at M=2048 in
+the table run (run56; bitsandbytes 1.17-1.40x).
 Float32 output (``out_dtype``) is written as two bf16 parts, the accumulator's bf16 rounding
 and the rounding of the rest, summed by XLA (16 significant bits; Mosaic GPU stores no
 transposed float32 tile): in a QLoRA training step, which asks for float32 products, that

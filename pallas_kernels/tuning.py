@@ -234,6 +234,20 @@ _INF = 1 << 62
 #   / K=4096 N=11008 / K=11008 N=4096). With these rows (run48, bitsandbytes beside it): 0.68x /
 #   0.54x / 0.69x and 0.68x at K=N=8192 (run47: 0.68x / 0.58x / 0.70x), bitsandbytes 0.85-1.04x;
 #   run50 (x_direct's table operands in the weight tile's layout) 0.70x / 0.57x / 0.71x / 0.65x.
+# - 2026-12-04 (third session): dequant_first's dot had asked XLA for a float32 result and rounded
+#   it after; XLA fused the rounding, but its GEMM autotuner picked slower kernels for that form
+#   than for a bf16 result (benchmarks/gpu/dot_forms.py, run54: 0.97-1.20x the bf16 model's
+#   product, mean 1.08x, against 0.88-1.06x, mean 0.99x; the same float32 accumulation). With the bf16 form, round 7
+#   (run55, ratios at K=N=4096 / K=4096 N=11008 / K=11008 N=4096): at M=2048 the Mosaic GPU row
+#   1.08x / 1.13x / 1.16x, dequant_first 1.10x / 1.09x / 1.14x (its [K, N] decoder 1.08-1.22x);
+#   at M=4096 the Mosaic GPU row 1.08x / 1.04x / 1.09x, dequant_first 1.07x / 1.00x / 1.04x; the
+#   input gradient (dequant_first) 1.15x / 1.14x / 1.14x at M=2048, 1.06x / 1.02x / 1.05x at
+#   M=4096 ([K, N] decoder: no better on the mean). So the kernel keeps 512 < M <= 2048 and
+#   dequant_first takes M > 2048 again. Table run (run56, four shapes, bitsandbytes beside it):
+#   forward 1.06-1.13x at M=2048 (the kernel), 1.00-1.15x at 4096-8192; input gradient
+#   1.06-1.18x at M=2048, 0.98-1.09x at 4096-8192; bitsandbytes 1.04-1.40x / 1.01-1.28x. Round 13 of the decode (run53): a program taking 2-8 row
+#   blocks in turn, its loads ahead running on into the next (a grid of one wave), was slower
+#   everywhere (0.65-1.00x at K=4096 N=11008 against the table row's 0.57x) and is not kept.
 # The training rows' decode-then-cuBLAS config (its tiles serve the fused Triton kernel, used
 # where dequant_first cannot serve a dtype).
 _DEQUANT_FIRST_FWD = TileConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=4, num_stages=3,
@@ -255,11 +269,13 @@ _HOPPER = {
         Entry(64, TileConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=3, lut="prmt",
                              dequant_first=True), True),
         Entry(512, _DEQUANT_FIRST_FWD, True),
-        # the Mosaic GPU kernel, measured faster than dequant_first from M=1024 to 8192 (runs
-        # 38-39); shapes it cannot serve (M not a multiple of 256, N of 256) fall back to
-        # dequant_first
-        Entry(_INF, TileConfig(block_m=256, block_n=64, block_k=128, group_m=16, num_stages=2, lut="prmt",
+        # the Mosaic GPU kernel, measured faster than dequant_first at M=1024 (run39) and level
+        # with it at 2048 (run55); shapes it cannot serve (M not a multiple of 256, N of 256) fall
+        # back to dequant_first
+        Entry(2048, TileConfig(block_m=256, block_n=64, block_k=128, group_m=16, num_stages=2, lut="prmt",
                                mosaic=True, dequant_first=True, cluster_n=2), True),
+        # decode, then cuBLAS with a bf16 result: 1.00-1.07x at M=4096 (run55)
+        Entry(_INF, _DEQUANT_FIRST_FWD, True),
     ),
     "input_grad": (
         Entry(64, TileConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=3, lut="prmt",

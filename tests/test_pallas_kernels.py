@@ -529,11 +529,14 @@ def test_tuning_table_fits_k():
 
 def test_tuning_table_keeps_the_mosaic_kernel_to_shapes_that_fill_the_device():
     h100 = "NVIDIA H100 80GB HBM3"
-    big = pk.get_config("forward", 4096, 2048, 2048, 64, device_kind=h100)   # 16 x 16 tiles
+    big = pk.get_config("forward", 2048, 2048, 2048, 64, device_kind=h100)   # 8 x 16 tiles
     assert big.mosaic and big.dequant_first
-    kv = pk.get_config("forward", 4096, 256, 2048, 64, device_kind=h100)    # 16 x 2 tiles
+    kv = pk.get_config("forward", 2048, 256, 2048, 64, device_kind=h100)    # 8 x 2 tiles
     assert not kv.mosaic and kv.dequant_first and kv.replace(mosaic=True) == big
     assert not pk.get_config("forward", 512, 4096, 4096, 64, device_kind=h100).mosaic   # the 512 row
+    # past M=2048 decode-then-cuBLAS measured faster (run55)
+    above = pk.get_config("forward", 4096, 4096, 4096, 64, device_kind=h100)
+    assert above.dequant_first and not above.mosaic
 
 
 def test_config_overrides():
