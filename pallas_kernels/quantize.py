@@ -819,17 +819,34 @@ def resolve_encoder(encoder: str | None, fmt: str | Sequence[float] | np.ndarray
 
 
 def _dequantize_kernel(p_ref, a_ref, *refs, values: tuple[float, ...], dtype: str, rows: int,
-                       n_blocks: int, lut: str, tiles: int, interpret: bool):
+                       n_blocks: int, lut: str, tiles: int, dq_block_size: int | None, interpret: bool):
     o_ref = refs[-1]   # a ref before it is an aliased output buffer
-    _tiles(functools.partial(_dequantize_tile, p_ref, a_ref, o_ref, values, dtype, rows, lut, interpret),
-           rows, tiles, n_blocks)
+    dq_refs = tuple(refs[:3]) if dq_block_size else None   # second-level scales, offset, code table
+    _tiles(functools.partial(_dequantize_tile, p_ref, a_ref, dq_refs, dq_block_size, o_ref, values, dtype, rows,
+                             lut, interpret), rows, tiles, n_blocks)
 
 
-def _dequantize_tile(p_ref, a_ref, o_ref, values: tuple[float, ...], dtype: str, rows: int, lut: str,
-                     interpret: bool, r0: jax.Array, mask: jax.Array | None) -> None:
+def _block_scales(a_ref, dq_refs, dq_block_size: int | None, r0: jax.Array, rows: int,
+                  mask: jax.Array | None) -> jax.Array:
+    """float32 [rows] scales of blocks ``r0 ..``: loaded, or with double quantization decoded
+    from their 8-bit codes as `pallas_kernels._common.decode_scales` does, op for op (the
+    multiply and the add rounded apart, so the bits are the same)."""
+    raw = _load(a_ref.at[pl.ds(r0, rows)], mask)
+    if dq_refs is None:
+        return raw
+    s_ref, off_ref, tab_ref = dq_refs
+    # r0 >= 0: the truncating divide is the floor; a masked row's index is clamped into the array
+    sidx = jax.lax.div(r0 + jnp.arange(rows, dtype=jnp.int32), jnp.int32(dq_block_size))
+    if mask is not None:
+        sidx = jnp.minimum(sidx, s_ref.shape[0] - 1)
+    return pltriton.load(tab_ref.at[raw.astype(jnp.int32)]) * pltriton.load(s_ref.at[sidx]) + off_ref[0]
+
+
+def _dequantize_tile(p_ref, a_ref, dq_refs, dq_block_size: int | None, o_ref, values: tuple[float, ...], dtype: str,
+                     rows: int, lut: str, interpret: bool, r0: jax.Array, mask: jax.Array | None) -> None:
     half = p_ref.shape[1]
     packed = _load(p_ref.at[pl.ds(r0, rows), pl.ds(0, half)], mask)                # [rows, half]
-    scale = _load(a_ref.at[pl.ds(r0, rows)], mask)[:, None]                          # [rows, 1]
+    scale = _block_scales(a_ref, dq_refs, dq_block_size, r0, rows, mask)[:, None]   # [rows, 1]
     out_dtype = jnp.dtype(dtype)
     if lut == "prmt":
         words = byte_lut.decode_words(packed, values, out_dtype, scale, interpret=interpret)
@@ -847,19 +864,27 @@ def _dequantize_tile(p_ref, a_ref, o_ref, values: tuple[float, ...], dtype: str,
 
 
 @functools.partial(jax.jit, static_argnames=("values", "dtype", "rows", "num_warps", "num_stages",
-                                             "lut", "tiles", "interpret"))
+                                             "lut", "tiles", "dq_block_size", "interpret"))
 def _dequantize_call(packed: jax.Array, absmax: jax.Array, init: jax.Array | None = None, *,
                      values: tuple[float, ...], dtype: str, rows: int, num_warps: int,
-                     num_stages: int, lut: str = DEQUANT_LUT, tiles: int = 1, interpret: bool):
-    """The launch. ``init`` (tests): a uint32 [nb, bs/2] buffer the output starts from (aliased)."""
+                     num_stages: int, lut: str = DEQUANT_LUT, tiles: int = 1,
+                     dq: tuple[jax.Array, jax.Array, jax.Array] | None = None, dq_block_size: int | None = None,
+                     interpret: bool):
+    """The launch. ``init`` (tests): a uint32 [nb, bs/2] buffer the output starts from (aliased).
+    ``dq``: (second-level scales, offset, absmax code table) when ``absmax`` holds 8-bit codes, a
+    second-level scale every ``dq_block_size`` of them."""
     nb = absmax.size
     half = packed.size // nb
     kernel = functools.partial(_dequantize_kernel, values=values, dtype=dtype, rows=rows, n_blocks=nb,
-                               lut=lut, tiles=tiles, interpret=interpret)
-    args, aliases = [packed.reshape(nb, half), absmax.reshape(nb).astype(jnp.float32)], {}
+                               lut=lut, tiles=tiles, dq_block_size=dq_block_size if dq else None,
+                               interpret=interpret)
+    args, aliases = [packed.reshape(nb, half), absmax.reshape(nb) if dq else absmax.reshape(nb).astype(jnp.float32)], {}
+    if dq:
+        args += [dq[0].reshape(-1).astype(jnp.float32), dq[1].reshape(1).astype(jnp.float32),
+                 dq[2].reshape(256).astype(jnp.float32)]
     if init is not None:
+        aliases = {len(args): 0}
         args.append(init.reshape(nb, half))
-        aliases = {2: 0}
     words = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((nb, half), jnp.uint32),
@@ -877,13 +902,22 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
                              out_dtype: Any = jnp.bfloat16, *, rows_per_program: int | None = None,
                              num_warps: int | None = None, num_stages: int = 1,
                              tiles_per_program: int = 1, lut: str = DEQUANT_LUT,
+                             absmax_scale: jax.Array | None = None, absmax_offset: jax.Array | None = None,
+                             dq_block_size: int | None = None, absmax_table: Any = None,
                              interpret: bool = False) -> jax.Array:
-    """Decodes packed 4-bit codes with float32 block scales to bf16/f16 in one pass.
+    """Decodes packed 4-bit codes with their block scales to bf16/f16 in one pass.
 
     Args:
       packed: uint8, ``n_blocks * block_size / 2`` bytes (any shape, e.g. ``[n_blocks,
         block_size / 2]`` or flat), first element of each pair in the high nibble.
-      absmax: float32 [n_blocks] first-level scales (decode double quantization beforehand).
+      absmax: float32 [n_blocks] first-level scales; or, with ``absmax_scale`` given, their
+        uint8 [n_blocks] codes (double quantization), decoded in the kernel:
+        ``absmax_table[code] * absmax_scale[i // dq_block_size] + absmax_offset``, the multiply
+        and the add rounded apart (the bits `pallas_kernels._common.decode_scales` gives).
+      absmax_scale: float32 [>= ceil(n_blocks / dq_block_size)] second-level scales, or None.
+      absmax_offset: float32 scalar (any shape of size 1); with ``absmax_scale`` only.
+      dq_block_size: first-level scales a second-level scale; with ``absmax_scale`` only.
+      absmax_table: the 256 float values of the 8-bit codes (default: the signed dynamic map).
       fmt: the format (as in `quantize_blocks_pallas`).
       out_dtype: bfloat16 or float16.
       rows_per_program, num_warps, num_stages, tiles_per_program, interpret: as in
@@ -900,8 +934,24 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
     out_dtype = jnp.dtype(out_dtype)
     if packed.dtype != jnp.uint8:
         raise TypeError(f"packed must be uint8, got {packed.dtype}")
-    if absmax.dtype != jnp.float32:
-        raise TypeError(f"absmax must be float32 (decode double quantization first), got {absmax.dtype}")
+    dq = None
+    if absmax_scale is not None:
+        if absmax.dtype != jnp.uint8:
+            raise TypeError(f"with absmax_scale (double quantization) absmax must hold uint8 codes, got {absmax.dtype}")
+        table = _common.DYNAMIC_MAP if absmax_table is None else np.asarray(absmax_table, np.float32).reshape(-1)
+        if absmax_offset is None or np.size(absmax_offset) != 1:
+            raise ValueError("double quantization needs absmax_offset, one float32 value, got "
+                             f"{None if absmax_offset is None else np.shape(absmax_offset)}")
+        if not isinstance(dq_block_size, (int, np.integer)) or dq_block_size < 1:
+            raise ValueError(f"double quantization needs a positive int dq_block_size, got {dq_block_size!r}")
+        if table.size != 256:
+            raise ValueError(f"absmax_table must hold 256 values, got {table.size}")
+        if absmax_scale.size < -(-absmax.size // dq_block_size):
+            raise ValueError(f"{absmax.size} blocks with dq_block_size={dq_block_size} need "
+                             f"{-(-absmax.size // dq_block_size)} absmax_scale values, got {absmax_scale.size}")
+        dq = (absmax_scale, jnp.asarray(absmax_offset), jnp.asarray(table))
+    elif absmax.dtype != jnp.float32:
+        raise TypeError(f"absmax must be float32 (or uint8 codes with absmax_scale), got {absmax.dtype}")
     nb = absmax.size
     block_size = 2 * packed.size // nb if nb else 0
     if (nb == 0 or block_size * nb != 2 * packed.size
@@ -914,7 +964,8 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
     _check_launch(rows, warps, num_stages, tiles_per_program)
     return _dequantize_call(packed, absmax, values=tables.values, dtype=out_dtype.name, rows=int(rows),
                             num_warps=int(warps), num_stages=int(num_stages), lut=lut,
-                            tiles=int(tiles_per_program), interpret=bool(interpret))
+                            tiles=int(tiles_per_program), dq=dq,
+                            dq_block_size=int(dq_block_size) if dq else None, interpret=bool(interpret))
 
 
 # --------------------------------------------------------------------------------------------

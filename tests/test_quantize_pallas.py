@@ -175,15 +175,16 @@ def run_quantize_poisoned(x, tables, block_size, rows, tiles=1, encoder="count")
     return outs[0]
 
 
-def run_dequantize_poisoned(packed, absmax, tables, dtype, rows, lut=pq.DEQUANT_LUT, tiles=1):
+def run_dequantize_poisoned(packed, absmax, tables, dtype, rows, lut=pq.DEQUANT_LUT, tiles=1, dq=None,
+                            dq_block_size=None):
     nb = absmax.size
     outs = []
     for fill in (0x00, 0xFF):
         init = jnp.full((nb, packed.size // nb), fill * 0x01010101, jnp.uint32)
         outs.append(pq._dequantize_call(packed, absmax, init, values=tables.values,
                                         dtype=jnp.dtype(dtype).name, rows=rows, num_warps=4,
-                                        num_stages=1 if tiles == 1 else 2, lut=lut, tiles=tiles,
-                                        interpret=INTERPRET))
+                                        num_stages=1 if tiles == 1 else 2, lut=lut, tiles=tiles, dq=dq,
+                                        dq_block_size=dq_block_size, interpret=INTERPRET))
     assert_bits_equal(outs[0], outs[1], "poisoned runs")
     return outs[0]
 
@@ -449,6 +450,51 @@ def test_dequantize_kernel_random_codes_and_scales():
         q = qmod.QuantizedArray(packed, absmax, None, None, shape=(nb * bs,), dtype=out.name, format=fmt,
                                 block_size=bs, dq_block_size=None)
         assert_bits_equal(got, qj.dequantize(q, backend="xla"), f"{fmt} -> {out}")
+
+
+@pytest.mark.parametrize("nb,rows,tiles,dqbs", [(37, 8, 1, 64), (300, 16, 2, 64), (300, 4, 3, 256)])
+def test_dequantize_kernel_decodes_double_quant(nb, rows, tiles, dqbs):
+    """Given the 8-bit scale codes with their second-level scales and offset, the kernel decodes
+    the scales itself, bit for bit as the library does (`decode_absmax`, then the dense values):
+    ragged tiles and second-level blocks, several tiles a program, every code, scales of many
+    magnitudes, outputs poisoned before the call."""
+    rng = np.random.default_rng(nb + rows)
+    bs = 64
+    packed = jnp.asarray(rng.integers(0, 256, nb * bs // 2, dtype=np.uint8))
+    codes = rng.integers(0, 256, nb, dtype=np.uint8)
+    codes[:2] = [0, 255]
+    codes = jnp.asarray(codes)
+    scale = jnp.asarray((rng.uniform(0.5, 1, -(-nb // dqbs)) * 2.0 ** rng.integers(-20, 20, -(-nb // dqbs)))
+                        .astype(np.float32))
+    offset = jnp.float32(rng.uniform(0.01, 0.5))
+    values = formats.get_format("nf4").values
+    q = qmod.QuantizedArray(packed, codes, scale, offset, shape=(nb * bs,), dtype="bfloat16", format="nf4",
+                            block_size=bs, dq_block_size=dqbs)
+    want = qj.dequantize(q, backend="xla")
+    table = jnp.asarray(formats.dynamic_map())
+    got = run_dequantize_poisoned(packed, codes, pq.code_tables(values), BF16, rows, tiles=tiles,
+                                  dq=(scale, offset, table), dq_block_size=dqbs)
+    assert_bits_equal(got, want, "in-kernel double quant")
+    public = pq.dequantize_blocks_pallas(packed, codes, values, BF16, absmax_scale=scale, absmax_offset=offset,
+                                         dq_block_size=dqbs, rows_per_program=rows, tiles_per_program=tiles,
+                                         interpret=INTERPRET)
+    assert_bits_equal(public, want, "public entry point")
+
+
+def test_dequantize_double_quant_argument_checks():
+    nf4 = formats.get_format("nf4").values
+    packed, codes, scale = jnp.zeros(64, jnp.uint8), jnp.zeros(4, jnp.uint8), jnp.ones(1, jnp.float32)
+    kw = dict(absmax_scale=scale, absmax_offset=jnp.float32(0), dq_block_size=4)
+    with pytest.raises(TypeError, match="uint8 codes"):
+        pq.dequantize_blocks_pallas(packed, codes.astype(jnp.float32), nf4, **kw)
+    with pytest.raises(ValueError, match="absmax_offset"):
+        pq.dequantize_blocks_pallas(packed, codes, nf4, **{**kw, "absmax_offset": None})
+    with pytest.raises(ValueError, match="positive int dq_block_size"):
+        pq.dequantize_blocks_pallas(packed, codes, nf4, **{**kw, "dq_block_size": 0})
+    with pytest.raises(ValueError, match="need 2 absmax_scale values, got 1"):
+        pq.dequantize_blocks_pallas(packed, codes, nf4, **{**kw, "dq_block_size": 2})
+    with pytest.raises(ValueError, match="256 values"):
+        pq.dequantize_blocks_pallas(packed, codes, nf4, **kw, absmax_table=np.ones(16))
 
 
 # ------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU session 2026-12-04 (third), call 1: decode sweep round 13 (x_direct with row_blocks: a
 # program taking several row blocks in turn, its loads ahead running on across them) at the four
-# shapes, then the decode GPU tests (the row_blocks cases compiled for real).
+# shapes, then the decode GPU tests (the row_blocks cases compiled for real). The row_blocks code
+# was not kept: apply run53_row_blocks.patch (against 4a2ad6e) to run this again.
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 O=${OUT:-/tmp/out}; mkdir -p $O
