@@ -116,6 +116,20 @@ def device_time(fn, x, weights, min_total_s: float = 0.05, loop_step_s: float = 
     return max(step - loop_step_s, 0.0) / len(calls)
 
 
+def write_probe(benchmark: str, rows: list, out_dir: str) -> str:
+    """Writes a GPU probe's ``rows`` with the device, jax version and date to
+    ``out_dir/<benchmark>.json`` (`benchmarks/gpu/*_probe.py`, `dot_forms.py`); returns the path."""
+    import jax
+
+    out = dict(benchmark=benchmark, device=jax.devices()[0].device_kind, jax=jax.__version__,
+               date=datetime.date.today().isoformat(), rows=rows)
+    path = os.path.join(out_dir, f"{benchmark}.json")
+    with open(path, "w") as fh:
+        json.dump(out, fh, indent=1)
+    print("wrote", path)
+    return path
+
+
 def loop_overhead() -> float:
     """Seconds an empty fori_loop step costs (a trivial op; the while loop's own round trip)."""
     import jax

@@ -22,8 +22,6 @@ Run58 (before the in-kernel scale decode) also timed ``jnp.repeat`` of the packe
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 
@@ -91,12 +89,7 @@ def main() -> None:
                 row[name] = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
                 print(f"K={k} N={n} {name}: {row[name]['error']}", flush=True)
         rows_out.append(row)
-    out = dict(benchmark="dequant_probe", device=jax.devices()[0].device_kind, jax=jax.__version__,
-               date=datetime.date.today().isoformat(), rows=rows_out)
-    path = os.path.join(args.out, "dequant_probe.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
+    bk.write_probe("dequant_probe", rows_out, args.out)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ and prints the kernels XLA compiles for the two forms of the forward product.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import re
 import sys
@@ -108,13 +106,7 @@ def main() -> None:
                     wk, fn = forms(spec, cfg)[name]
                     for line in kernels(fn, dy if name.startswith("dx") else x, weights[wk]):
                         print("   ", line)
-    dev = jax.devices()[0]
-    out = dict(benchmark="dot_forms", device=dev.device_kind, jax=jax.__version__,
-               date=datetime.date.today().isoformat(), rows=rows)
-    path = os.path.join(args.out, "dot_forms.json")
-    with open(path, "w") as f:
-        json.dump(out, f, indent=1)
-    print("wrote", path)
+    bk.write_probe("dot_forms", rows, args.out)
 
 
 if __name__ == "__main__":
