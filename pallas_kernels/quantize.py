@@ -950,6 +950,8 @@ def dequantize_blocks_pallas(packed: jax.Array, absmax: jax.Array,
             raise ValueError(f"{absmax.size} blocks with dq_block_size={dq_block_size} need "
                              f"{-(-absmax.size // dq_block_size)} absmax_scale values, got {absmax_scale.size}")
         dq = (absmax_scale, jnp.asarray(absmax_offset), jnp.asarray(table))
+    elif absmax_offset is not None or dq_block_size is not None or absmax_table is not None:
+        raise ValueError("absmax_offset, dq_block_size and absmax_table go with absmax_scale (double quantization)")
     elif absmax.dtype != jnp.float32:
         raise TypeError(f"absmax must be float32 (or uint8 codes with absmax_scale), got {absmax.dtype}")
     nb = absmax.size

@@ -495,6 +495,8 @@ def test_dequantize_double_quant_argument_checks():
         pq.dequantize_blocks_pallas(packed, codes, nf4, **{**kw, "dq_block_size": 2})
     with pytest.raises(ValueError, match="256 values"):
         pq.dequantize_blocks_pallas(packed, codes, nf4, **kw, absmax_table=np.ones(16))
+    with pytest.raises(ValueError, match="go with absmax_scale"):
+        pq.dequantize_blocks_pallas(packed, jnp.ones(4, jnp.float32), nf4, absmax_offset=jnp.float32(0))
 
 
 # ------------------------------------------------------------------------------------------
@@ -794,6 +796,11 @@ def test_kernels_lower_to_triton(fmt, block_size, dtype, n_blocks):
         lowers_for_h100(lambda p, s, lut=lut: pq.dequantize_blocks_pallas(p, s, values, dtype, lut=lut),
                         jax.ShapeDtypeStruct((n // 2,), jnp.uint8),
                         jax.ShapeDtypeStruct((n_blocks,), jnp.float32))
+    # the scales decoded in the kernel (their gathers from the code table and the second-level scales)
+    lowers_for_h100(lambda p, c, s, o: pq.dequantize_blocks_pallas(p, c, values, dtype, absmax_scale=s, absmax_offset=o,
+                                                                   dq_block_size=4),
+                    jax.ShapeDtypeStruct((n // 2,), jnp.uint8), jax.ShapeDtypeStruct((n_blocks,), jnp.uint8),
+                    jax.ShapeDtypeStruct((-(-n_blocks // 4),), jnp.float32), jax.ShapeDtypeStruct((), jnp.float32))
 
 
 @pytest.mark.parametrize("search", pq.DQ_SEARCHES)
