@@ -343,7 +343,7 @@ def load_block_scales(spec: QuantSpec, refs: "ScaleRefs", row0: jax.Array, rows:
         return raw
     flat = (row0 + jnp.arange(rows, dtype=jnp.int32)) * spec.blocks_per_row
     flat = flat + kb if cols is None else flat[:, None] + (kb + jnp.arange(cols, dtype=jnp.int32))[None, :]
-    return finish_block_scales(spec, refs, (raw, _load_dq_scales(refs, flat, spec.dq_block_size, mask)))
+    return finish_block_scales(refs, (raw, load_dq_scales(refs, flat, spec.dq_block_size, mask)))
 
 
 def gather_block_scale_parts(spec: QuantSpec, refs: "ScaleRefs", rows: jax.Array, kb: jax.Array,
@@ -362,19 +362,21 @@ def gather_block_scale_parts(spec: QuantSpec, refs: "ScaleRefs", rows: jax.Array
     raw = pltriton.load(refs.absmax.at[rows, kb], mask=mask, other=0 if mask is not None else None)
     if not spec.double_quant:
         return raw, None
-    return raw, _load_dq_scales(refs, rows * spec.blocks_per_row + kb, spec.dq_block_size, mask)
+    return raw, load_dq_scales(refs, rows * spec.blocks_per_row + kb, spec.dq_block_size, mask)
 
 
-def finish_block_scales(spec: QuantSpec, refs: "ScaleRefs", parts: tuple[jax.Array, jax.Array | None]) -> jax.Array:
-    """float32 first-level scales from `gather_block_scale_parts`' loads: with double quant the
-    8-bit code -> table (a gather from a 256-entry ref, cached) -> * second-level scale + offset."""
+def finish_block_scales(refs: "ScaleRefs", parts: tuple[jax.Array, jax.Array | None]) -> jax.Array:
+    """float32 first-level scales from `gather_block_scale_parts`' loads: the loaded scales, or
+    with double quant (second-level scales in ``parts``) the 8-bit code -> table (a gather from a
+    256-entry ref, cached) -> * second-level scale + offset, the multiply and the add rounded
+    apart (the bits `decode_scales` gives)."""
     raw, dq_scale = parts
-    if not spec.double_quant:
+    if dq_scale is None:
         return raw
     return pltriton.load(refs.table.at[raw.astype(jnp.int32)]) * dq_scale + refs.offset[0]
 
 
-def _load_dq_scales(refs: "ScaleRefs", flat: jax.Array, dq_block_size: int, mask: jax.Array | None) -> jax.Array:
+def load_dq_scales(refs: "ScaleRefs", flat: jax.Array, dq_block_size: int, mask: jax.Array | None) -> jax.Array:
     """float32 second-level scales of the blocks at flat block indices ``flat`` (>= 0)."""
     sidx = jax.lax.div(flat, jnp.int32(dq_block_size))  # flat >= 0: no floor-division select
     if mask is None:

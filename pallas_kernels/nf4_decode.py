@@ -213,7 +213,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
 
             def add_step(step, tiles, accs):
                 wt, parts = tiles
-                sc = _common.finish_block_scales(spec, scale_refs, parts)
+                sc = _common.finish_block_scales(scale_refs, parts)
                 mask = step_mask(step, 4)
                 other = 0 if mask is not None else None
                 out = []
@@ -253,7 +253,7 @@ def _kernel(x_ref, *refs, spec: QuantSpec, cfg: TileConfig, m: int, n_in: int, s
             def add_step(step, tiles, accs):
                 wt, parts = tiles
                 # the scales' lookup here, not where the step is loaded ahead: it waits on a load
-                scales = _common.finish_block_scales(spec, scale_refs, parts)
+                scales = _common.finish_block_scales(scale_refs, parts)
                 cols = step * w + jnp.arange(w, dtype=jnp.int32)[None, :]
                 out = []
                 for r in range(m):

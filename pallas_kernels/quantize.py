@@ -829,17 +829,14 @@ def _dequantize_kernel(p_ref, a_ref, *refs, values: tuple[float, ...], dtype: st
 def _block_scales(a_ref, dq_refs, dq_block_size: int | None, r0: jax.Array, rows: int,
                   mask: jax.Array | None) -> jax.Array:
     """float32 [rows] scales of blocks ``r0 ..``: loaded, or with double quantization decoded
-    from their 8-bit codes as `pallas_kernels._common.decode_scales` does, op for op (the
-    multiply and the add rounded apart, so the bits are the same)."""
+    from their 8-bit codes in the kernel (`pallas_kernels._common.finish_block_scales`)."""
     raw = _load(a_ref.at[pl.ds(r0, rows)], mask)
     if dq_refs is None:
         return raw
     s_ref, off_ref, tab_ref = dq_refs
-    # r0 >= 0: the truncating divide is the floor; a masked row's index is clamped into the array
-    sidx = jax.lax.div(r0 + jnp.arange(rows, dtype=jnp.int32), jnp.int32(dq_block_size))
-    if mask is not None:
-        sidx = jnp.minimum(sidx, s_ref.shape[0] - 1)
-    return pltriton.load(tab_ref.at[raw.astype(jnp.int32)]) * pltriton.load(s_ref.at[sidx]) + off_ref[0]
+    refs = _common.ScaleRefs(a_ref, scale=s_ref, offset=off_ref, table=tab_ref)
+    dq = _common.load_dq_scales(refs, r0 + jnp.arange(rows, dtype=jnp.int32), dq_block_size, mask)
+    return _common.finish_block_scales(refs, (raw, dq))
 
 
 def _dequantize_tile(p_ref, a_ref, dq_refs, dq_block_size: int | None, o_ref, values: tuple[float, ...], dtype: str,

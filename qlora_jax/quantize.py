@@ -564,14 +564,11 @@ def _dequantize_impl(q: QuantizedArray, dtype: str, backend: str = "xla",
                      interpret: bool = False) -> jax.Array:
     fmt = _formats.get_format(q.format)
     if backend == "pallas":
-        values = tuple(float(v) for v in fmt.values)
-        if q.double_quant:   # the kernel decodes the scales itself, the bits `decode_absmax` gives
-            out = _pallas_quantize_module().dequantize_blocks_pallas(
-                q.codes, q.absmax, values, dtype, absmax_scale=q.absmax_scale, absmax_offset=q.absmax_offset,
-                dq_block_size=q.dq_block_size, absmax_table=_formats.dynamic_map(), interpret=interpret)
-        else:
-            out = _pallas_quantize_module().dequantize_blocks_pallas(q.codes, q.absmax, values, dtype,
-                                                                     interpret=interpret)
+        # with double quant the kernel decodes the scales itself, the bits `decode_absmax` gives
+        dq = dict(absmax_scale=q.absmax_scale, absmax_offset=q.absmax_offset, dq_block_size=q.dq_block_size,
+                  absmax_table=_formats.dynamic_map()) if q.double_quant else {}
+        out = _pallas_quantize_module().dequantize_blocks_pallas(
+            q.codes, q.absmax, tuple(float(v) for v in fmt.values), dtype, **dq, interpret=interpret)
         return out.reshape(q.shape)
     hi = q.codes >> 4
     lo = q.codes & 0xF

@@ -82,11 +82,12 @@ def main() -> None:
         spec = pk.make_spec(n, k, bk.BLOCK_SIZE, bk.DQ_BLOCK_SIZE, qj.get_format("nf4").values)
         cfg = pk.get_config("forward", 4096, n, k, bk.BLOCK_SIZE)
         weights = {"kn": w_kn, "nk": w_nk, "q": q}
+        fs = forms(spec, cfg)
         for m in args.m:
             x = jax.random.normal(jax.random.key(1), (m, k), F32).astype(jnp.bfloat16)
             dy = jax.random.normal(jax.random.key(2), (m, n), F32).astype(jnp.bfloat16)
             row = dict(m=m, k=k, n=n)
-            for name, (wk, fn) in forms(spec, cfg).items():
+            for name, (wk, fn) in fs.items():
                 a = dy if name.startswith("dx") else x
                 try:
                     t = bk.device_time(fn, a, [(weights[wk],)], loop_step_s=loop_step_s)
@@ -99,11 +100,11 @@ def main() -> None:
                     row[name + " vs_model"] = row[name] / base
             rows.append(row)
             print(f"M={m} K={k} N={n}: " + "  ".join(f"{nm} {row[nm]:.4f} ms ({row[nm + ' vs_model']:.2f}x)"
-                                                     for nm in forms(spec, cfg) if nm in row), flush=True)
+                                                     for nm in fs if nm in row), flush=True)
             if m == args.m[0] and k == 4096 and n == 4096:
                 for name in ("fwd nt_f32 (w_nk)", "fwd nt_bf16 (w_nk)", "dx nn_f32 (w_nk)"):
                     print(f"--- kernels of {name}:")
-                    wk, fn = forms(spec, cfg)[name]
+                    wk, fn = fs[name]
                     for line in kernels(fn, dy if name.startswith("dx") else x, weights[wk]):
                         print("   ", line)
     bk.write_probe("dot_forms", rows, args.out)
